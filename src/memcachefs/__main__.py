@@ -1,0 +1,3 @@
+from memcachefs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""A byte-budgeted LRU store of blocks, with buffer reuse.
+
+Sync code, touched only from the trio thread (cachetools is not thread-safe).
+Every byte the store holds counts against the budget: stored blocks, buffers
+reserved by fills in flight, and evicted buffers kept for reuse. So
+``used + reserved + free <= capacity`` always holds.
+
+Full-size buffers are recycled: first touch of fresh memory costs more than the
+copy into it, and glibc tends to overshoot a budget of many fresh allocations.
+A buffer is recycled only when nothing outside the store still looks at it
+(``pins``), e.g. a page-cache push running in a worker thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from cachetools import LRUCache
+
+from memcachefs.keys import BlockKey
+
+
+class Block:
+    """Immutable bytes of one block: a buffer, the valid length and its xxh3-64."""
+
+    __slots__ = ("buffer", "checksum", "length", "pins")
+
+    def __init__(self, buffer: bytearray, length: int, checksum: int) -> None:
+        self.buffer = buffer
+        self.length = length
+        self.checksum = checksum
+        self.pins = 0
+
+    @property
+    def view(self) -> memoryview:
+        return memoryview(self.buffer)[: self.length]
+
+
+@dataclass(frozen=True)
+class StoreStatistics:
+    capacity_bytes: int
+    used_bytes: int
+    reserved_bytes: int
+    free_buffer_bytes: int
+    blocks: int
+    evictions: int
+    buffers_allocated: int
+    buffers_reused: int
+
+
+class _EvictingLRU(LRUCache[BlockKey, Block]):
+    """LRUCache that hands every evicted block to a callback (all evictions use popitem)."""
+
+    def __init__(self, maxsize: int, on_evict: Callable[[Block], None]) -> None:
+        super().__init__(maxsize, getsizeof=lambda block: len(block.buffer))
+        self._on_evict = on_evict
+
+    def popitem(self) -> tuple[BlockKey, Block]:
+        key, block = super().popitem()
+        self._on_evict(block)
+        return key, block
+
+
+class BlockStore:
+    def __init__(self, capacity_bytes: int, block_size_bytes: int) -> None:
+        if capacity_bytes < block_size_bytes:
+            raise ValueError("capacity must hold at least one block")
+        self.capacity_bytes = capacity_bytes
+        self.block_size_bytes = block_size_bytes
+        self._lru = _EvictingLRU(capacity_bytes, self._retire)
+        self._free: list[bytearray] = []
+        self._reserved_bytes = 0
+        self._evictions = 0
+        self._allocated = 0
+        self._reused = 0
+
+    # -- lookups -------------------------------------------------------------
+    def get(self, key: BlockKey) -> Block | None:
+        """The block for `key`, marking it most recently used; None on a miss."""
+        return self._lru.get(key)
+
+    def __contains__(self, key: BlockKey) -> bool:
+        return key in self._lru
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    # -- filling -------------------------------------------------------------
+    def try_allocate(self, length: int) -> bytearray | None:
+        """A buffer for a block of `length` bytes, reserved against the budget.
+
+        Evicts least recently used blocks to make room. Returns None only when
+        fills in flight already reserve the whole budget; the caller waits for
+        `put` or `release` and tries again.
+        """
+        if not 0 < length <= self.block_size_bytes:
+            raise ValueError(f"bad block length {length}")
+        size = self.block_size_bytes if length == self.block_size_bytes else length
+        while True:
+            if size == self.block_size_bytes and self._free:
+                break  # a spare buffer is already counted: no room needed
+            if self._total_bytes() + size <= self.capacity_bytes:
+                break
+            if self._free:
+                self._free.pop()  # spares are full-size; this fill wants another size
+            elif self._lru:
+                self._lru.popitem()
+            else:
+                return None
+        buffer = self._take_buffer(size)
+        self._reserved_bytes += len(buffer)
+        return buffer
+
+    def put(self, key: BlockKey, buffer: bytearray, length: int, checksum: int) -> Block:
+        """Store a filled buffer obtained from `try_allocate`."""
+        self._reserved_bytes -= len(buffer)
+        block = Block(buffer, length, checksum)
+        existing = self._lru.get(key)
+        if existing is not None:  # filled twice (never via one single-flight): keep one
+            self._recycle(buffer)
+            return existing
+        # Room was reserved by try_allocate, so this insert never needs to evict
+        # more than that reservation freed.
+        self._lru[key] = block
+        return block
+
+    def release(self, buffer: bytearray) -> None:
+        """Return a reserved buffer whose fill failed."""
+        self._reserved_bytes -= len(buffer)
+        self._recycle(buffer)
+
+    def discard(self, key: BlockKey) -> None:
+        block = self._lru.pop(key, None)
+        if block is not None:
+            self._retire(block)
+
+    # -- internals -----------------------------------------------------------
+    def _total_bytes(self) -> int:
+        return self._lru.currsize + self._reserved_bytes + len(self._free) * self.block_size_bytes
+
+    def _take_buffer(self, size: int) -> bytearray:
+        if size == self.block_size_bytes and self._free:
+            self._reused += 1
+            return self._free.pop()
+        self._allocated += 1
+        return bytearray(size)
+
+    def _retire(self, block: Block) -> None:
+        self._evictions += 1
+        if block.pins == 0:
+            self._recycle(block.buffer)
+
+    def _recycle(self, buffer: bytearray) -> None:
+        if len(buffer) == self.block_size_bytes:
+            self._free.append(buffer)
+
+    def statistics(self) -> StoreStatistics:
+        return StoreStatistics(
+            capacity_bytes=self.capacity_bytes,
+            used_bytes=self._lru.currsize,
+            reserved_bytes=self._reserved_bytes,
+            free_buffer_bytes=len(self._free) * self.block_size_bytes,
+            blocks=len(self._lru),
+            evictions=self._evictions,
+            buffers_allocated=self._allocated,
+            buffers_reused=self._reused,
+        )

@@ -1,0 +1,107 @@
+"""Builds the service in one nursery, mounts it, and stops it in order.
+
+Shutdown order (SIGTERM/SIGINT): stop taking new work where we can, let the
+requests in flight finish (bounded by the grace period), end the FUSE loop,
+unmount, then cancel the background tasks (fills, refreshes, peers).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+import pyfuse3
+import trio
+
+from memcachefs import mounts
+from memcachefs.blockstore import BlockStore
+from memcachefs.config import MountConfig
+from memcachefs.errors import MountError
+from memcachefs.fs import Filesystem
+from memcachefs.loader import Loader
+from memcachefs.metadata import MetadataCache
+from memcachefs.metrics import StatisticsSnapshot
+from memcachefs.source import Source
+
+log = logging.getLogger(__name__)
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = {"fsname=memcachefs", "subtype=memcachefs", "ro", "nosuid", "nodev"}
+    options.add("default_permissions")
+    if config.allow_other:
+        options.add("allow_other")
+    return options
+
+
+async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+    """Mount and serve until unmounted or signalled. Raises MountError if it cannot mount."""
+    cache = config.cache
+    with Source(
+        config.source,
+        block_threads=cache.source_threads,
+        metadata_threads=cache.metadata_threads,
+    ) as source:
+        store = BlockStore(cache.capacity_bytes, cache.block_size_bytes)
+        async with trio.open_nursery() as nursery:
+            metadata = MetadataCache(source, nursery, ttl_s=config.attr_timeout_s)
+            loader = Loader(store, source, nursery, read_ahead_blocks=cache.read_ahead_blocks)
+            statistics = StatisticsSnapshot(
+                mountpoint=str(config.mountpoint),
+                source=str(config.source),
+                block_size_bytes=cache.block_size_bytes,
+            )
+            fs = Filesystem(
+                source, metadata, loader, attr_timeout_s=config.attr_timeout_s,
+                statistics=statistics,
+            )
+            for name, component in (
+                ("store", store), ("loader", loader), ("source", source),
+                ("metadata", metadata), ("fs", fs),
+            ):
+                statistics.add(name, component)
+            _mount(fs, config)
+            try:
+                nursery.start_soon(_announce_ready, config, on_ready)
+                nursery.start_soon(_stop_on_signal, fs, config.shutdown_grace_s)
+                await pyfuse3.main()
+            finally:
+                still_mounted = mounts.find_mount(config.mountpoint) is not None
+                pyfuse3.close(unmount=still_mounted)
+                nursery.cancel_scope.cancel()
+    log.info("unmounted %s", config.mountpoint)
+
+
+def _mount(fs: Filesystem, config: MountConfig) -> None:
+    try:
+        pyfuse3.init(fs, os.fspath(config.mountpoint), fuse_options(config))
+    except RuntimeError as error:
+        raise MountError(f"cannot mount {config.mountpoint}: {error}") from None
+
+
+async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> None:
+    # A stat from another thread is answered by the FUSE loop: once it returns,
+    # the kernel has completed INIT and the mount serves requests.
+    await trio.to_thread.run_sync(os.stat, config.mountpoint)
+    entry = mounts.find_mount(config.mountpoint)
+    if entry is not None and config.kernel_read_ahead_kib:
+        await trio.to_thread.run_sync(
+            mounts.set_read_ahead, entry.device, config.kernel_read_ahead_kib
+        )
+    log.info("mounted %s at %s", config.source, config.mountpoint)
+    on_ready()
+
+
+async def _stop_on_signal(fs: Filesystem, grace_s: float) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s: finishing reads in flight, then unmounting",
+                     signal.Signals(signum).name)
+            with trio.move_on_after(grace_s) as scope:
+                await fs.wait_idle()
+            if scope.cancelled_caught:
+                log.warning("requests still in flight after %.1fs; unmounting anyway", grace_s)
+            pyfuse3.terminate()
+            return

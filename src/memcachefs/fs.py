@@ -1,0 +1,342 @@
+"""The pyfuse3 adapter: kernel requests onto the metadata cache and the loader.
+
+Kept thin on purpose so the filesystem can be driven without a kernel in unit
+tests. Only FUSEError leaves a handler: pyfuse3 lets any other exception end
+its main loop, so `_handler` maps our errors and OSError to their errno, and
+turns anything unexpected into EIO plus one log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import logging
+import os
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from memcachefs.blockstore import Block
+from memcachefs.errors import ReadError
+from memcachefs.inodes import InodeTable
+from memcachefs.keys import BlockKey, FileVersion, block_span
+from memcachefs.loader import Loader
+from memcachefs.metadata import MetadataCache
+from memcachefs.source import Source, version_of
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+STATS_XATTR = b"user.memcachefs.stats"
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def _handler(
+    method: Callable[P, Coroutine[Any, Any, R]],
+) -> Callable[P, Coroutine[Any, Any, R]]:
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        fs = args[0]
+        assert isinstance(fs, Filesystem)
+        fs.requests_in_flight += 1
+        try:
+            return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ReadError as error:
+            raise pyfuse3.FUSEError(error.errno_value) from None
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        except Exception:
+            fs.internal_errors += 1
+            log.exception("internal error in %s; answered EIO", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            fs.requests_in_flight -= 1
+            if fs.requests_in_flight == 0:
+                fs.idle.set()
+
+    return wrapper
+
+
+def _read_only(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise pyfuse3.FUSEError(errno.EROFS)
+
+    return refuse
+
+
+@dataclass(frozen=True)
+class FilesystemStatistics:
+    open_files: int
+    open_dirs: int
+    requests_in_flight: int
+    internal_errors: int
+    inodes: int
+
+
+@dataclass
+class OpenFile:
+    inode: int
+    version: FileVersion
+    last_index: int = -1
+
+
+@dataclass
+class OpenDir:
+    relpath: bytes
+    entries: list[tuple[bytes, os.stat_result]]
+
+
+class Filesystem(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(
+        self,
+        source: Source,
+        metadata: MetadataCache,
+        loader: Loader,
+        *,
+        attr_timeout_s: float,
+        statistics: Callable[[], dict[str, Any]] | None = None,
+        readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] | None = None,
+    ) -> None:
+        super().__init__()
+        self._source = source
+        self._metadata = metadata
+        self._loader = loader
+        self._block_size = loader.block_size
+        self._attr_timeout_s = attr_timeout_s
+        self._statistics = statistics
+        self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
+        self.inodes = InodeTable()
+        self._files: dict[int, OpenFile] = {}
+        self._dirs: dict[int, OpenDir] = {}
+        self._next_handle = 1
+        # The version each inode was last opened at: an open of another version
+        # tells the kernel to drop its page cache for the inode.
+        self._opened_versions: dict[int, FileVersion] = {}
+        self.requests_in_flight = 0
+        self.internal_errors = 0
+        self.idle = trio.Event()
+
+    # -- attributes ------------------------------------------------------------
+    def _entry(self, inode: int, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = inode
+        entry.generation = 0
+        entry.entry_timeout = self._attr_timeout_s
+        entry.attr_timeout = self._attr_timeout_s
+        entry.st_mode = st.st_mode
+        entry.st_nlink = st.st_nlink
+        entry.st_uid = st.st_uid
+        entry.st_gid = st.st_gid
+        entry.st_rdev = st.st_rdev
+        entry.st_size = st.st_size
+        entry.st_blksize = self._block_size
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    @_handler
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            relpath = self._path(parent_inode)
+        elif name == b"..":
+            relpath = os.path.dirname(self._path(parent_inode))
+        else:
+            relpath = self._child(parent_inode, name)
+        st = await self._metadata.lstat(relpath)
+        inode = self.inodes.inode(relpath)
+        self.inodes.looked_up(inode)
+        return self._entry(inode, st)
+
+    @_handler
+    async def getattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.EntryAttributes:
+        st = await self._metadata.lstat(self._path(inode))
+        return self._entry(inode, st)
+
+    @_handler
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
+        return await self._source.readlink(self._path(inode))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self.inodes.forget(inode, count)
+
+    @_handler
+    async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
+        vfs = await self._source.statvfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = vfs.f_bsize
+        data.f_frsize = vfs.f_frsize
+        data.f_blocks = vfs.f_blocks
+        data.f_bfree = vfs.f_bfree
+        data.f_bavail = vfs.f_bavail
+        data.f_files = vfs.f_files
+        data.f_ffree = vfs.f_ffree
+        data.f_favail = vfs.f_favail
+        data.f_namemax = vfs.f_namemax
+        return data
+
+    # -- directories -----------------------------------------------------------
+    @_handler
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
+        relpath = self._path(inode)
+        entries = sorted(await self._metadata.listdir(relpath))
+        return self._new_handle(self._dirs, OpenDir(relpath, entries))
+
+    @_handler
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        handle = self._dirs[fh]
+        prefix = handle.relpath + b"/" if handle.relpath else b""
+        for position in range(start_id, len(handle.entries)):
+            name, st = handle.entries[position]
+            inode = self.inodes.inode(prefix + name)
+            if not self._readdir_reply(token, name, self._entry(inode, st), position + 1):
+                break
+            self.inodes.looked_up(inode)
+
+    @_handler
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files -----------------------------------------------------------------
+    @_handler
+    async def open(
+        self, inode: int, flags: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> pyfuse3.FileInfo:
+        if flags & _WRITE_FLAGS:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        relpath = self._path(inode)
+        version = await self._source.open(relpath)
+        st = await self._metadata.lstat(relpath)
+        if version_of(relpath, st) != version:  # changed within the TTL: learn it now
+            self._metadata.forget(relpath)
+        same_as_before = self._opened_versions.get(inode) == version
+        self._opened_versions[inode] = version
+        fh = self._new_handle(self._files, OpenFile(inode, version))
+        return pyfuse3.FileInfo(fh=fh, keep_cache=same_as_before)
+
+    @_handler
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        handle = self._files[fh]
+        span = block_span(off, size, handle.version.size, self._block_size)
+        if not span:
+            return b""
+        if len(span) == 1:  # the common case: a slice of one block, no copy
+            block = await self._block(handle, span[0], size)
+            start = off - span[0] * self._block_size
+            return block.view[start : start + size]
+        out = bytearray()
+        for index in span:
+            base = index * self._block_size
+            block = await self._block(handle, index, self._block_size)
+            # Copy now: after the next await this block's buffer may be reused.
+            out += block.view[max(0, off - base) : off + size - base]
+        return out
+
+    async def _block(self, handle: OpenFile, index: int, wanted_bytes: int) -> Block:
+        key = BlockKey(handle.version, index)
+        if index != handle.last_index:
+            if index == handle.last_index + 1 or index == 0:
+                self._loader.read_ahead(handle.version, index)
+            handle.last_index = index
+        return await self._loader.block(key, wanted_bytes)
+
+    @_handler
+    async def release(self, fh: int) -> None:
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            self._source.release(handle.version)
+
+    @_handler
+    async def flush(self, fh: int) -> None:
+        return None
+
+    # -- extended attributes ---------------------------------------------------
+    @_handler
+    async def getxattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> bytes:
+        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE and self._statistics:
+            return json.dumps(self._statistics(), sort_keys=True).encode()
+        try:
+            return await self._source.getxattr(self._path(inode), name)
+        except OSError as error:
+            if error.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise
+
+    @_handler
+    async def listxattr(
+        self, inode: int, ctx: pyfuse3.RequestContext | None = None
+    ) -> Sequence[bytes]:
+        names = await self._source.listxattr(self._path(inode))
+        return [os.fsencode(name) for name in names]
+
+    # -- everything that would write -------------------------------------------
+    setattr = _read_only(pyfuse3.Operations.setattr)
+    mknod = _read_only(pyfuse3.Operations.mknod)
+    mkdir = _read_only(pyfuse3.Operations.mkdir)
+    unlink = _read_only(pyfuse3.Operations.unlink)
+    rmdir = _read_only(pyfuse3.Operations.rmdir)
+    symlink = _read_only(pyfuse3.Operations.symlink)
+    rename = _read_only(pyfuse3.Operations.rename)
+    link = _read_only(pyfuse3.Operations.link)
+    write = _read_only(pyfuse3.Operations.write)
+    create = _read_only(pyfuse3.Operations.create)
+    setxattr = _read_only(pyfuse3.Operations.setxattr)
+    removexattr = _read_only(pyfuse3.Operations.removexattr)
+
+    # -- helpers ---------------------------------------------------------------
+    def _path(self, inode: int) -> bytes:
+        try:
+            return self.inodes.path(inode)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _child(self, parent: int, name: bytes) -> bytes:
+        if b"/" in name or b"\0" in name:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        try:
+            return self.inodes.child_path(parent, name)
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _new_handle(self, table: dict[int, Any], value: Any) -> int:
+        fh = self._next_handle
+        self._next_handle += 1
+        table[fh] = value
+        return fh
+
+    async def wait_idle(self) -> None:
+        """Return once no request is being handled (used for a graceful stop)."""
+        while self.requests_in_flight:
+            self.idle = trio.Event()
+            await self.idle.wait()
+
+    def statistics(self) -> FilesystemStatistics:
+        return FilesystemStatistics(
+            open_files=len(self._files),
+            open_dirs=len(self._dirs),
+            requests_in_flight=self.requests_in_flight,
+            internal_errors=self.internal_errors,
+            inodes=self.inodes.statistics().inodes,
+        )
+

@@ -1,0 +1,178 @@
+"""The miss path: memory, then the owning peer, then the source; plus readahead.
+
+``block()`` returns at once on a hit (no await). On a miss one fill per key
+runs (single-flight) in the service nursery: it reserves a buffer in the store,
+asks the peer layer (when a cluster is configured) and otherwise reads the
+source, then stores the block. Readahead starts the same fills for the blocks
+after a sequential reader, bounded in number.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from memcachefs.blockstore import Block, BlockStore
+from memcachefs.errors import ReadError, SourceError
+from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.singleflight import SingleFlight
+from memcachefs.source import Source
+
+
+class PeerFetcher(Protocol):
+    """The cluster's side of a fill (see peers.py)."""
+
+    async def fetch_into(self, key: BlockKey, buffer: memoryview) -> int | None:
+        """Fill `buffer` from a peer and return its verified xxh3-64, or None to
+        let the caller read the source. Never raises for peer failures."""
+
+
+@dataclass(frozen=True)
+class LoaderStatistics:
+    hits: int
+    misses: int
+    memory_bytes: int  # bytes handed to readers straight from memory (hits)
+    source_bytes: int
+    peer_bytes: int
+    peer_hits: int
+    source_errors: int
+    readahead_fills: int
+    fills_in_flight: int
+    deduplicated_fills: int
+
+
+class Loader:
+    def __init__(
+        self,
+        store: BlockStore,
+        source: Source,
+        nursery: trio.Nursery,
+        *,
+        read_ahead_blocks: int,
+        peers: PeerFetcher | None = None,
+    ) -> None:
+        self.store = store
+        self.block_size = store.block_size_bytes
+        self._source = source
+        self._peers = peers
+        self._flight: SingleFlight[BlockKey, Block] = SingleFlight(nursery)
+        # Readahead must not evict what readers are about to use: keep it to a
+        # fraction of the capacity.
+        capacity_blocks = store.capacity_bytes // store.block_size_bytes
+        self._read_ahead_blocks = min(read_ahead_blocks, max(0, capacity_blocks // 4))
+        self._space_freed = trio.Event()
+        self._readahead_in_flight = 0
+        self._hits = 0
+        self._misses = 0
+        self._memory_bytes = 0
+        self._source_bytes = 0
+        self._peer_bytes = 0
+        self._peer_hits = 0
+        self._source_errors = 0
+        self._readahead_fills = 0
+
+    def set_peers(self, peers: PeerFetcher | None) -> None:
+        self._peers = peers
+
+    def cached(self, key: BlockKey) -> Block | None:
+        """The block if it is in memory (no fill, no statistics)."""
+        return self.store.get(key)
+
+    async def block(self, key: BlockKey, wanted_bytes: int) -> Block:
+        """The block for `key`, from memory or filled once. ReadError on failure.
+
+        `wanted_bytes` is how much of it the reader takes (for statistics).
+        """
+        block = self.store.get(key)
+        if block is not None:
+            self._hits += 1
+            self._memory_bytes += wanted_bytes
+            return block
+        self._misses += 1
+        try:
+            return await self._flight.do(key, lambda: self._fill(key))
+        except ReadError:
+            raise
+        except OSError as error:
+            raise SourceError(str(error)) from error
+
+    async def fill_for_peer(self, key: BlockKey) -> Block:
+        """Fill as the owner on behalf of a peer: memory or the source, never a peer."""
+        block = self.store.get(key)
+        if block is not None:
+            return block
+        return await self._flight.do(key, lambda: self._fill(key, ask_peers=False))
+
+    def read_ahead(self, version: FileVersion, after_index: int) -> None:
+        """Start fills for the blocks after `after_index` (sequential reader)."""
+        last = min(after_index + self._read_ahead_blocks, version.block_count(self.block_size) - 1)
+        for index in range(after_index + 1, last + 1):
+            if self._readahead_in_flight >= self._read_ahead_blocks:
+                return
+            key = BlockKey(version, index)
+            if key in self.store or self._flight.in_flight(key):
+                continue
+            self._readahead_in_flight += 1
+            self._readahead_fills += 1
+            self._flight.start(key, lambda key=key: self._readahead_fill(key))
+
+    async def _readahead_fill(self, key: BlockKey) -> Block:
+        try:
+            return await self._fill(key)
+        finally:
+            self._readahead_in_flight -= 1
+
+    async def _fill(self, key: BlockKey, *, ask_peers: bool = True) -> Block:
+        block = self.store.get(key)  # filled while this fill waited to start
+        if block is not None:
+            return block
+        length = key.length(self.block_size)
+        buffer = await self._reserve(length)
+        try:
+            view = memoryview(buffer)[:length]
+            checksum = None
+            if ask_peers and self._peers is not None:
+                checksum = await self._peers.fetch_into(key, view)
+                if checksum is not None:
+                    self._peer_hits += 1
+                    self._peer_bytes += length
+            if checksum is None:
+                try:
+                    checksum = await self._source.read_block(key, view, self.block_size)
+                except (ReadError, OSError):
+                    self._source_errors += 1
+                    raise
+                self._source_bytes += length
+        except BaseException:
+            self.store.release(buffer)
+            self._wake_reservers()
+            raise
+        block = self.store.put(key, buffer, length, checksum)
+        self._wake_reservers()
+        return block
+
+    async def _reserve(self, length: int) -> bytearray:
+        while (buffer := self.store.try_allocate(length)) is None:
+            await self._space_freed.wait()
+        return buffer
+
+    def _wake_reservers(self) -> None:
+        self._space_freed.set()
+        self._space_freed = trio.Event()
+
+    def statistics(self) -> LoaderStatistics:
+        flight = self._flight.statistics()
+        return LoaderStatistics(
+            hits=self._hits,
+            misses=self._misses,
+            memory_bytes=self._memory_bytes,
+            source_bytes=self._source_bytes,
+            peer_bytes=self._peer_bytes,
+            peer_hits=self._peer_hits,
+            source_errors=self._source_errors,
+            readahead_fills=self._readahead_fills,
+            fills_in_flight=flight.in_flight,
+            deduplicated_fills=flight.joined,
+        )

@@ -1,0 +1,107 @@
+"""The kernel's side of mounting: the mount table, stale mounts, unmounting, readahead.
+
+Everything here is synchronous and may block (it runs fusermount3 or touches
+a possibly dead mountpoint): call it from a worker thread inside the daemon.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    mountpoint: str
+    fstype: str
+    source: str
+    device: str  # "major:minor"
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def mount_entries(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    entries = []
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            entries.append(
+                MountEntry(
+                    mountpoint=_unescape(fields[4]),
+                    device=fields[2],
+                    fstype=fields[sep + 1],
+                    source=_unescape(fields[sep + 2]),
+                )
+            )
+    return entries
+
+
+def find_mount(mountpoint: str | os.PathLike[str]) -> MountEntry | None:
+    """The topmost mount at exactly `mountpoint`, if any."""
+    target = os.path.abspath(mountpoint)
+    found = None
+    for entry in mount_entries():
+        if entry.mountpoint == target:
+            found = entry
+    return found
+
+
+def is_stale(mountpoint: str | os.PathLike[str]) -> bool:
+    """True when a FUSE mount is there but its daemon is gone (ENOTCONN)."""
+    try:
+        os.stat(mountpoint)
+    except OSError as error:
+        return error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+    return False
+
+
+def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:
+    """Unmount a FUSE mount, dead or alive. Raises OSError if it stays mounted."""
+    path = os.fspath(mountpoint)
+    fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
+    commands = []
+    if fusermount:
+        commands.append([fusermount, "-u", *(["-z"] if lazy else []), "-q", path])
+    if shutil.which("umount"):
+        commands.append(["umount", *(["-l"] if lazy else []), path])
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode == 0 or find_mount(path) is None:
+            return
+    raise OSError(errno.EBUSY, f"{path} is still mounted")
+
+
+def set_read_ahead(device: str, read_ahead_kib: int) -> bool:
+    """Set the kernel readahead of a mount's backing device info; False if not allowed."""
+    path = Path("/sys/class/bdi") / device / "read_ahead_kb"
+    try:
+        path.write_text(f"{read_ahead_kib}\n")
+    except OSError as error:
+        log.warning(
+            "could not raise the kernel readahead to %d KiB (%s: %s); reads stay at "
+            "the kernel default size and run slower",
+            read_ahead_kib,
+            path,
+            error.strerror,
+        )
+        return False
+    return True

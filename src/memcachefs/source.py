@@ -1,0 +1,276 @@
+"""The only module that touches the slow source directory.
+
+Every call runs in a worker thread under a capacity limiter, so a slow or
+stalled source never blocks the trio thread, and a dedicated limiter for block
+reads keeps a stalled source from starving metadata (and the other way round).
+Worker threads get paths, file descriptors and buffers; never the store.
+
+Paths are relative byte strings (``b"dir/model.safetensors"``). Files are
+opened one component at a time with O_NOFOLLOW from a descriptor of the root
+taken before the mount, so no path, however crafted, reads outside the root.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import trio
+import xxhash
+
+from memcachefs.errors import MemcachefsError, SourceError, StaleVersion
+from memcachefs.keys import BlockKey, FileVersion
+
+T = TypeVar("T")
+
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+_IDLE_DESCRIPTORS = 64
+
+
+class PathRejected(MemcachefsError):
+    """A relative path that could escape the root or is malformed."""
+
+
+def validate_relpath(relpath: bytes) -> bytes:
+    """Return `relpath` if it is a clean relative path below the root, else raise."""
+    if len(relpath) > MAX_PATH_BYTES:
+        raise PathRejected("path too long")
+    if b"\0" in relpath:
+        raise PathRejected("NUL byte in path")
+    if relpath.startswith(b"/"):
+        raise PathRejected("absolute path")
+    if relpath == b"":
+        return relpath
+    for part in relpath.split(b"/"):
+        if part in (b"", b".", b".."):
+            raise PathRejected(f"bad path component {part!r}")
+        if len(part) > MAX_NAME_BYTES:
+            raise PathRejected("name too long")
+    return relpath
+
+
+def version_of(relpath: bytes, st: os.stat_result) -> FileVersion:
+    return FileVersion(relpath, st.st_size, st.st_mtime_ns)
+
+
+@dataclass
+class _Descriptor:
+    fd: int
+    refs: int = 0
+
+
+@dataclass(frozen=True)
+class SourceStatistics:
+    block_reads: int
+    bytes_read: int
+    read_errors: int
+    stale_reads: int
+    open_descriptors: int
+    metadata_calls: int
+
+
+class Source:
+    """A source directory, opened once; use as a context manager to close it."""
+
+    def __init__(self, root: os.PathLike[str] | str, *, block_threads: int, metadata_threads: int):
+        self.root = os.fspath(root)
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._block_limiter = trio.CapacityLimiter(block_threads)
+        self._metadata_limiter = trio.CapacityLimiter(metadata_threads)
+        self._descriptors: dict[FileVersion, _Descriptor] = {}
+        self._block_reads = 0
+        self._bytes_read = 0
+        self._read_errors = 0
+        self._stale_reads = 0
+        self._metadata_calls = 0
+
+    def close(self) -> None:
+        for descriptor in self._descriptors.values():
+            os.close(descriptor.fd)
+        self._descriptors.clear()
+        os.close(self._root_fd)
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- metadata ------------------------------------------------------------
+    async def lstat(self, relpath: bytes) -> os.stat_result:
+        return await self._metadata(os.lstat, relpath or b".", dir_fd=self._root_fd)
+
+    async def readlink(self, relpath: bytes) -> bytes:
+        return await self._metadata(os.readlink, relpath, dir_fd=self._root_fd)
+
+    async def listdir(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
+        """Names and lstat results of a directory's entries (vanished ones skipped)."""
+        return await self._metadata(self._scan, relpath)
+
+    async def statvfs(self) -> os.statvfs_result:
+        return await self._metadata(os.statvfs, self._root_fd)
+
+    async def getxattr(self, relpath: bytes, name: bytes) -> bytes:
+        return await self._metadata(self._xattr, os.getxattr, relpath, name)
+
+    async def listxattr(self, relpath: bytes) -> list[str]:
+        return await self._metadata(self._xattr, os.listxattr, relpath)
+
+    def _scan(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
+        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
+        entries: list[tuple[bytes, os.stat_result]] = []
+        try:
+            with os.scandir(self._root_fd if fd is None else fd) as it:
+                for entry in it:
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    entries.append((os.fsencode(entry.name), st))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return entries
+
+    def _xattr(self, call: Callable[..., T], relpath: bytes, *args: object) -> T:
+        path = os.path.join(os.fsencode(self.root), relpath) if relpath else self.root
+        return call(path, *args, follow_symlinks=False)
+
+    async def _metadata(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
+        self._metadata_calls += 1
+        return await trio.to_thread.run_sync(
+            lambda: call(*args, **kwargs), limiter=self._metadata_limiter
+        )
+
+    # -- file data -----------------------------------------------------------
+    async def open(self, relpath: bytes) -> FileVersion:
+        """Open a regular file and pin its current version until `release`."""
+        fd, st = await self._metadata(self._open_regular, relpath)
+        version = version_of(relpath, st)
+        self._adopt(version, fd).refs += 1
+        return version
+
+    def release(self, version: FileVersion) -> None:
+        descriptor = self._descriptors.get(version)
+        if descriptor is None:
+            return
+        descriptor.refs -= 1
+        self._close_idle()
+
+    async def read_block(self, key: BlockKey, buffer: memoryview, block_size: int) -> int:
+        """Read block `key` into `buffer`; returns the xxh3-64 checksum of the bytes.
+
+        Raises StaleVersion if the file no longer is the version the key names
+        (never returns bytes of another version), SourceError on I/O errors.
+        """
+        version = key.version
+        descriptor = self._descriptors.get(version)
+        if descriptor is None:
+            try:
+                fd, st = await self._metadata(self._open_regular, version.relpath)
+            except OSError as error:
+                self._read_errors += 1
+                raise SourceError(f"open {version.relpath!r}: {error.strerror}") from error
+            if version_of(version.relpath, st) != version:
+                os.close(fd)
+                self._stale_reads += 1
+                raise StaleVersion(f"{version.relpath!r} changed in the source")
+            descriptor = self._adopt(version, fd)
+        descriptor.refs += 1
+        try:
+            checksum = await trio.to_thread.run_sync(
+                _read_exactly,
+                descriptor.fd,
+                buffer,
+                key.offset(block_size),
+                version,
+                limiter=self._block_limiter,
+            )
+        except StaleVersion:
+            self._stale_reads += 1
+            raise
+        except OSError as error:
+            self._read_errors += 1
+            raise SourceError(f"read {version.relpath!r}: {error.strerror}") from error
+        finally:
+            descriptor.refs -= 1
+            self._close_idle()
+        self._block_reads += 1
+        self._bytes_read += len(buffer)
+        return checksum
+
+    def _adopt(self, version: FileVersion, fd: int) -> _Descriptor:
+        """Keep `fd` as the descriptor of `version` (sharing one already kept)."""
+        descriptor = self._descriptors.get(version)
+        if descriptor is None:
+            descriptor = self._descriptors[version] = _Descriptor(fd)
+        else:
+            os.close(fd)
+        return descriptor
+
+    def _close_idle(self) -> None:
+        idle = [v for v, d in self._descriptors.items() if d.refs == 0]
+        for version in idle[: max(0, len(idle) - _IDLE_DESCRIPTORS)]:
+            os.close(self._descriptors.pop(version).fd)
+
+    def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
+        # O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
+        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    def _open_beneath(self, relpath: bytes, flags: int) -> int:
+        """Open `relpath` below the root without following any symlink."""
+        try:
+            parts = validate_relpath(relpath).split(b"/")
+        except PathRejected as error:
+            raise OSError(errno.EACCES, str(error)) from error
+        dir_fd = self._root_fd
+        try:
+            for part in parts[:-1]:
+                next_fd = os.open(
+                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=dir_fd,
+                )
+                if dir_fd != self._root_fd:
+                    os.close(dir_fd)
+                dir_fd = next_fd
+            return os.open(parts[-1], flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        finally:
+            if dir_fd != self._root_fd:
+                os.close(dir_fd)
+
+    def statistics(self) -> SourceStatistics:
+        return SourceStatistics(
+            block_reads=self._block_reads,
+            bytes_read=self._bytes_read,
+            read_errors=self._read_errors,
+            stale_reads=self._stale_reads,
+            open_descriptors=len(self._descriptors),
+            metadata_calls=self._metadata_calls,
+        )
+
+
+def _read_exactly(fd: int, buffer: memoryview, offset: int, version: FileVersion) -> int:
+    """Fill `buffer` from `offset` (runs in a worker thread), then re-check the version."""
+    done = 0
+    while done < len(buffer):
+        count = os.preadv(fd, [buffer[done:]], offset + done)
+        if count == 0:
+            break
+        done += count
+    st = os.fstat(fd)
+    if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns) or done < len(buffer):
+        raise StaleVersion(f"{version.relpath!r} changed in the source while being read")
+    return xxhash.xxh3_64_intdigest(buffer)
