@@ -137,7 +137,8 @@ class BlockStore:
 
     # -- internals -----------------------------------------------------------
     def _total_bytes(self) -> int:
-        return self._lru.currsize + self._reserved_bytes + len(self._free) * self.block_size_bytes
+        free_bytes = len(self._free) * self.block_size_bytes
+        return int(self._lru.currsize) + self._reserved_bytes + free_bytes
 
     def _take_buffer(self, size: int) -> bytearray:
         if size == self.block_size_bytes and self._free:
@@ -158,7 +159,7 @@ class BlockStore:
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(
             capacity_bytes=self.capacity_bytes,
-            used_bytes=self._lru.currsize,
+            used_bytes=int(self._lru.currsize),
             reserved_bytes=self._reserved_bytes,
             free_buffer_bytes=len(self._free) * self.block_size_bytes,
             blocks=len(self._lru),

@@ -1,8 +1,8 @@
 """Command line: argv -> validated config -> run. One-line errors, exit code 2.
 
-    memcachefs mount SOURCE MOUNTPOINT --capacity 20G [options]
-    memcachefs umount MOUNTPOINT
-    memcachefs stats MOUNTPOINT [--json]
+memcachefs mount SOURCE MOUNTPOINT --capacity 20G [options]
+memcachefs umount MOUNTPOINT
+memcachefs stats MOUNTPOINT [--json]
 """
 
 from __future__ import annotations
@@ -59,28 +59,60 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mount.add_argument("source", help="the slow directory to mirror")
     mount.add_argument("mountpoint", help="an existing empty directory")
-    mount.add_argument("--capacity", required=True,
-                       help="memory for cached blocks, e.g. 20G (K/M/G/T are 1024-based)")
+    mount.add_argument(
+        "--capacity",
+        required=True,
+        help="memory for cached blocks, e.g. 20G (K/M/G/T are 1024-based)",
+    )
     mount.add_argument("--block-size", default="4M", help="cache block size (default 4M)")
-    mount.add_argument("--read-ahead", type=int, default=4, metavar="BLOCKS",
-                       help="blocks fetched ahead of a sequential reader (default 4)")
-    mount.add_argument("--kernel-read-ahead", default="1M", metavar="SIZE",
-                       help="kernel readahead of the mount, sets the FUSE read size "
-                            "(default 1M; 0 leaves the kernel default)")
-    mount.add_argument("--attr-timeout", type=float, default=1.0, metavar="SECONDS",
-                       help="how long attributes and listings are cached (default 1.0)")
-    mount.add_argument("--source-threads", type=int, default=8,
-                       help="parallel block reads from the source (default 8)")
-    mount.add_argument("--allow-other", action="store_true",
-                       help="let other users access the mount (needs user_allow_other "
-                            "in /etc/fuse.conf when not root)")
-    mount.add_argument("--foreground", "-f", action="store_true",
-                       help="stay attached (containers, systemd); log to stderr")
+    mount.add_argument(
+        "--read-ahead",
+        type=int,
+        default=4,
+        metavar="BLOCKS",
+        help="blocks fetched ahead of a sequential reader (default 4)",
+    )
+    mount.add_argument(
+        "--kernel-read-ahead",
+        default="1M",
+        metavar="SIZE",
+        help="kernel readahead of the mount, sets the FUSE read size "
+        "(default 1M; 0 leaves the kernel default)",
+    )
+    mount.add_argument(
+        "--attr-timeout",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how long attributes and listings are cached (default 1.0)",
+    )
+    mount.add_argument(
+        "--source-threads",
+        type=int,
+        default=8,
+        help="parallel block reads from the source (default 8)",
+    )
+    mount.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users access the mount (needs user_allow_other "
+        "in /etc/fuse.conf when not root)",
+    )
+    mount.add_argument(
+        "--foreground",
+        "-f",
+        action="store_true",
+        help="stay attached (containers, systemd); log to stderr",
+    )
     mount.add_argument("--log-file", help="where the background daemon logs")
-    mount.add_argument("--log-level", default="info",
-                       choices=["debug", "info", "warning", "error"])
-    mount.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS",
-                       help="how long SIGTERM waits for reads in flight (default 10)")
+    mount.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    mount.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long SIGTERM waits for reads in flight (default 10)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount, whether the daemon is alive or not")
@@ -120,7 +152,8 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
     capacity = parse_size(args.capacity, "capacity")
     block_size = parse_size(args.block_size, "block size")
     kernel_read_ahead = (
-        0 if args.kernel_read_ahead.strip() == "0"
+        0
+        if args.kernel_read_ahead.strip() == "0"
         else parse_size(args.kernel_read_ahead, "kernel read-ahead")
     )
     try:
@@ -164,7 +197,9 @@ def check_paths(config: MountConfig) -> None:
         try:
             mounts.unmount(mountpoint, lazy=True)
         except OSError as error:
-            raise ConfigError(f"stale mount at {mountpoint} could not be cleaned: {error}")
+            raise ConfigError(
+                f"stale mount at {mountpoint} could not be cleaned: {error}"
+            ) from None
     if not mountpoint.exists():
         raise ConfigError(f"mountpoint {mountpoint} does not exist")
     if not mountpoint.is_dir():
@@ -214,8 +249,11 @@ def _spawn_background(args: argparse.Namespace, config: MountConfig) -> int:
     process, outcome = spawn_daemon(_child_argv(args), log_path)
     if outcome != "ok":
         print(f"memcachefs: {outcome.removeprefix('error: ')} (log: {log_path})", file=sys.stderr)
-        return EXIT_USAGE if process.poll() is not None and process.returncode == EXIT_USAGE \
+        return (
+            EXIT_USAGE
+            if process.poll() is not None and process.returncode == EXIT_USAGE
             else EXIT_FAILURE
+        )
     print(
         f"memcachefs: mounted {config.source} at {config.mountpoint} "
         f"({format_size(config.cache.capacity_bytes)} cache, pid {process.pid}, log {log_path})"
@@ -229,12 +267,28 @@ def default_log_path(mountpoint: Path) -> Path:
 
 
 def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = ["mount", str(Path(args.source).absolute()), str(Path(args.mountpoint).absolute()),
-            "--foreground", "--capacity", args.capacity, "--block-size", args.block_size,
-            "--read-ahead", str(args.read_ahead), "--kernel-read-ahead", args.kernel_read_ahead,
-            "--attr-timeout", str(args.attr_timeout), "--source-threads",
-            str(args.source_threads), "--log-level", args.log_level,
-            "--shutdown-grace", str(args.shutdown_grace)]
+    argv = [
+        "mount",
+        str(Path(args.source).absolute()),
+        str(Path(args.mountpoint).absolute()),
+        "--foreground",
+        "--capacity",
+        args.capacity,
+        "--block-size",
+        args.block_size,
+        "--read-ahead",
+        str(args.read_ahead),
+        "--kernel-read-ahead",
+        args.kernel_read_ahead,
+        "--attr-timeout",
+        str(args.attr_timeout),
+        "--source-threads",
+        str(args.source_threads),
+        "--log-level",
+        args.log_level,
+        "--shutdown-grace",
+        str(args.shutdown_grace),
+    ]
     if args.allow_other:
         argv.append("--allow-other")
     return argv
@@ -251,8 +305,11 @@ def spawn_daemon(
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "memcachefs", *argv, "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-            pass_fds=(write_fd,), start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=log_file,
+            pass_fds=(write_fd,),
+            start_new_session=True,
         )
     os.close(write_fd)
     try:
@@ -335,13 +392,21 @@ def read_statistics(mountpoint: Path, timeout_s: float = 10.0) -> dict[str, Any]
     # getxattr on a hung daemon would block forever: ask from a child with a deadline.
     try:
         result = subprocess.run(
-            [sys.executable, "-c",
-             "import os,sys; sys.stdout.buffer.write(os.getxattr(sys.argv[1], sys.argv[2]))",
-             str(mountpoint), STATS_XATTR.decode()],
-            capture_output=True, timeout=timeout_s, check=False,
+            [
+                sys.executable,
+                "-c",
+                "import os,sys; sys.stdout.buffer.write(os.getxattr(sys.argv[1], sys.argv[2]))",
+                str(mountpoint),
+                STATS_XATTR.decode(),
+            ],
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
         )
     except subprocess.TimeoutExpired:
-        raise ConfigError(f"the daemon at {mountpoint} did not answer in {timeout_s:.0f}s") from None
+        raise ConfigError(
+            f"the daemon at {mountpoint} did not answer in {timeout_s:.0f}s"
+        ) from None
     if result.returncode != 0:
         if mounts.is_stale(mountpoint):
             raise ConfigError(f"{mountpoint}: the daemon is gone (stale mount)")
@@ -357,4 +422,3 @@ def _stats(mountpoint: Path, *, as_json: bool) -> int:
     stats = read_statistics(mountpoint)
     print(json.dumps(stats, indent=2, sort_keys=True) if as_json else format_report(stats))
     return EXIT_OK
-

@@ -54,12 +54,18 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None
                 block_size_bytes=cache.block_size_bytes,
             )
             fs = Filesystem(
-                source, metadata, loader, attr_timeout_s=config.attr_timeout_s,
+                source,
+                metadata,
+                loader,
+                attr_timeout_s=config.attr_timeout_s,
                 statistics=statistics,
             )
             for name, component in (
-                ("store", store), ("loader", loader), ("source", source),
-                ("metadata", metadata), ("fs", fs),
+                ("store", store),
+                ("loader", loader),
+                ("source", source),
+                ("metadata", metadata),
+                ("fs", fs),
             ):
                 statistics.add(name, component)
             _mount(fs, config)
@@ -97,8 +103,10 @@ async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> 
 async def _stop_on_signal(fs: Filesystem, grace_s: float) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
-            log.info("received %s: finishing reads in flight, then unmounting",
-                     signal.Signals(signum).name)
+            log.info(
+                "received %s: finishing reads in flight, then unmounting",
+                signal.Signals(signum).name,
+            )
             with trio.move_on_after(grace_s) as scope:
                 await fs.wait_idle()
             if scope.cancelled_caught:

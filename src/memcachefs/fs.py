@@ -13,7 +13,7 @@ import functools
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
@@ -65,9 +65,11 @@ def _handler(
     return wrapper
 
 
-def _read_only(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+def _read_only(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Replace a mutating operation: the mount is read-only."""
+
     @functools.wraps(method)
-    async def refuse(*args: Any, **kwargs: Any) -> Any:
+    async def refuse(*args: P.args, **kwargs: P.kwargs) -> R:
         raise pyfuse3.FUSEError(errno.EROFS)
 
     return refuse
@@ -234,7 +236,8 @@ class Filesystem(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=same_as_before)
 
     @_handler
-    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        # pyfuse3 accepts any contiguous buffer; a memoryview slice avoids a copy.
         handle = self._files[fh]
         span = block_span(off, size, handle.version.size, self._block_size)
         if not span:
@@ -242,14 +245,14 @@ class Filesystem(pyfuse3.Operations):
         if len(span) == 1:  # the common case: a slice of one block, no copy
             block = await self._block(handle, span[0], size)
             start = off - span[0] * self._block_size
-            return block.view[start : start + size]
+            return block.view[start : start + size]  # type: ignore[return-value]
         out = bytearray()
         for index in span:
             base = index * self._block_size
             block = await self._block(handle, index, self._block_size)
             # Copy now: after the next await this block's buffer may be reused.
             out += block.view[max(0, off - base) : off + size - base]
-        return out
+        return out  # type: ignore[return-value]
 
     async def _block(self, handle: OpenFile, index: int, wanted_bytes: int) -> Block:
         key = BlockKey(handle.version, index)
@@ -339,4 +342,3 @@ class Filesystem(pyfuse3.Operations):
             internal_errors=self.internal_errors,
             inodes=self.inodes.statistics().inodes,
         )
-

@@ -9,6 +9,7 @@ after a sequential reader, bounded in number.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,7 +117,7 @@ class Loader:
                 continue
             self._readahead_in_flight += 1
             self._readahead_fills += 1
-            self._flight.start(key, lambda key=key: self._readahead_fill(key))
+            self._flight.start(key, functools.partial(self._readahead_fill, key))
 
     async def _readahead_fill(self, key: BlockKey) -> Block:
         try:

@@ -240,7 +240,8 @@ class Source:
         try:
             for part in parts[:-1]:
                 next_fd = os.open(
-                    part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    part,
+                    os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                     dir_fd=dir_fd,
                 )
                 if dir_fd != self._root_fd:
