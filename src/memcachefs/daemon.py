@@ -59,6 +59,7 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None
                 loader,
                 attr_timeout_s=config.attr_timeout_s,
                 statistics=statistics,
+                nursery=nursery,
             )
             for name, component in (
                 ("store", store),

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import stat
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
@@ -81,6 +82,7 @@ class FilesystemStatistics:
     open_dirs: int
     requests_in_flight: int
     internal_errors: int
+    unpinned_opens: int
     inodes: int
 
 
@@ -88,6 +90,7 @@ class FilesystemStatistics:
 class OpenFile:
     inode: int
     version: FileVersion
+    pinned: bool = True  # the source file is held open (see Filesystem._pin)
     last_index: int = -1
 
 
@@ -111,6 +114,7 @@ class Filesystem(pyfuse3.Operations):
         attr_timeout_s: float,
         statistics: Callable[[], dict[str, Any]] | None = None,
         readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] | None = None,
+        nursery: trio.Nursery | None = None,
     ) -> None:
         super().__init__()
         self._source = source
@@ -120,6 +124,7 @@ class Filesystem(pyfuse3.Operations):
         self._attr_timeout_s = attr_timeout_s
         self._statistics = statistics
         self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
+        self._nursery = nursery
         self.inodes = InodeTable()
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
@@ -129,6 +134,7 @@ class Filesystem(pyfuse3.Operations):
         self._opened_versions: dict[int, FileVersion] = {}
         self.requests_in_flight = 0
         self.internal_errors = 0
+        self.unpinned_opens = 0
         self.idle = trio.Event()
 
     # -- attributes ------------------------------------------------------------
@@ -226,14 +232,55 @@ class Filesystem(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         relpath = self._path(inode)
-        version = await self._source.open(relpath)
-        st = await self._metadata.lstat(relpath)
-        if version_of(relpath, st) != version:  # changed within the TTL: learn it now
-            self._metadata.forget(relpath)
+        version, pinned = await self._pin(relpath)
+        if pinned:
+            st = await self._metadata.lstat(relpath)
+            if version_of(relpath, st) != version:  # changed within the TTL: learn it now
+                self._metadata.forget(relpath)
         same_as_before = self._opened_versions.get(inode) == version
         self._opened_versions[inode] = version
-        fh = self._new_handle(self._files, OpenFile(inode, version))
+        fh = self._new_handle(self._files, OpenFile(inode, version, pinned))
         return pyfuse3.FileInfo(fh=fh, keep_cache=same_as_before)
+
+    async def _pin(self, relpath: bytes) -> tuple[FileVersion, bool]:
+        """Open the source file and pin its version; (version, pinned).
+
+        If the source does not answer within the metadata grace period (a
+        stalled source) and the file's attributes are known, the handle uses
+        that version unpinned: reads of cached blocks work, and a block that
+        needs the source is read by path and checked against the version.
+        """
+        if self._nursery is None:
+            return await self._source.open(relpath), True
+        outcome: list[FileVersion | BaseException] = []
+        answered = trio.Event()
+        abandoned = False
+
+        async def open_in_background() -> None:
+            try:
+                outcome.append(await self._source.open(relpath))
+            except Exception as error:
+                outcome.append(error)
+            answered.set()
+            if abandoned and isinstance(outcome[0], FileVersion):
+                self._source.release(outcome[0])
+
+        self._nursery.start_soon(open_in_background)
+        with trio.move_on_after(self._metadata.stale_grace_s):
+            await answered.wait()
+        if answered.is_set():
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            return outcome[0], True
+        known = self._metadata.last_known(relpath)
+        if known is None or not stat.S_ISREG(known.st_mode):
+            await answered.wait()  # nothing to fall back on: wait for the source
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            return outcome[0], True
+        abandoned = True
+        self.unpinned_opens += 1
+        return version_of(relpath, known), False
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -265,7 +312,7 @@ class Filesystem(pyfuse3.Operations):
     @_handler
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
-        if handle is not None:
+        if handle is not None and handle.pinned:
             self._source.release(handle.version)
 
     @_handler
@@ -340,5 +387,6 @@ class Filesystem(pyfuse3.Operations):
             open_dirs=len(self._dirs),
             requests_in_flight=self.requests_in_flight,
             internal_errors=self.internal_errors,
+            unpinned_opens=self.unpinned_opens,
             inodes=self.inodes.statistics().inodes,
         )

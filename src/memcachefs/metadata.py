@@ -67,6 +67,15 @@ class MetadataCache:
     async def listdir(self, relpath: bytes) -> Listing:
         return await self._lookup(self._listings, self._list_flight, relpath, self._fetch_listing)
 
+    @property
+    def stale_grace_s(self) -> float:
+        return self._stale_grace_s
+
+    def last_known(self, relpath: bytes) -> os.stat_result | None:
+        """The last answer for `relpath`, however old (no source access)."""
+        cached = self._attrs.get(relpath)
+        return None if cached is None else cached.value
+
     def remember(self, relpath: bytes, st: os.stat_result) -> None:
         """Record attributes learned elsewhere (an open's fstat) as fresh."""
         self._attrs[relpath] = _Cached(st, self._clock())
