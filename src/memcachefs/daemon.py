@@ -7,6 +7,8 @@ unmount, then cancel the background tasks (fills, refreshes, peers).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import signal
@@ -27,6 +29,8 @@ from memcachefs.source import Source
 
 log = logging.getLogger(__name__)
 
+_M_MMAP_THRESHOLD = -3  # from <malloc.h>
+
 
 def fuse_options(config: MountConfig) -> set[str]:
     options = {"fsname=memcachefs", "subtype=memcachefs", "ro", "nosuid", "nodev"}
@@ -36,8 +40,24 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
+def pin_malloc_mmap_threshold() -> None:
+    """Keep glibc from serving block-sized buffers out of its heap.
+
+    glibc raises its mmap threshold after large frees, after which freed block
+    buffers stay in fragmented heaps and RSS drifts above the budget. A fixed
+    threshold (the same as MALLOC_MMAP_THRESHOLD_=131072) returns them to the
+    kernel at once.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+    except (OSError, AttributeError):
+        log.debug("mallopt unavailable; RSS may exceed the cache budget more")
+
+
 async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled. Raises MountError if it cannot mount."""
+    pin_malloc_mmap_threshold()
     cache = config.cache
     with Source(
         config.source,
