@@ -23,6 +23,10 @@ class ReadError(MemcachefsError):
     errno_value: int = errno.EIO
 
 
+class FillCancelled(ReadError):
+    """The fill a reader waited on was cancelled (the daemon is stopping)."""
+
+
 class SourceError(ReadError):
     """The source failed (I/O error, vanished file, short read)."""
 

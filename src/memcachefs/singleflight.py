@@ -13,18 +13,19 @@ from typing import Generic, TypeVar
 
 import trio
 
+from memcachefs.errors import FillCancelled
+
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
 class _Call(Generic[V]):
-    __slots__ = ("done", "error", "result", "waiters")
+    __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.result: V | None = None
         self.error: BaseException | None = None
-        self.waiters = 0
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,9 @@ class SingleFlight(Generic[K, V]):
             call.result = await fill()
         except Exception as error:  # handed to every waiter; they decide what it means
             call.error = error
+        except BaseException:  # cancelled: waiters must not mistake it for a result
+            call.error = FillCancelled("fill cancelled")
+            raise
         finally:
             del self._calls[key]
             call.done.set()
