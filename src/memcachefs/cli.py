@@ -176,11 +176,23 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         raise ConfigError(_first_validation_message(error)) from None
 
 
+_OPTION_OF_FIELD = {
+    "capacity_bytes": "--capacity",
+    "block_size_bytes": "--block-size",
+    "read_ahead_blocks": "--read-ahead",
+    "source_threads": "--source-threads",
+    "attr_timeout_s": "--attr-timeout",
+    "kernel_read_ahead_kib": "--kernel-read-ahead (KiB)",
+    "shutdown_grace_s": "--shutdown-grace",
+}
+
+
 def _first_validation_message(error: pydantic.ValidationError) -> str:
     first = error.errors()[0]
-    where = ".".join(str(part) for part in first["loc"])
+    fields = [str(part) for part in first["loc"]]
+    where = _OPTION_OF_FIELD.get(fields[-1], ".".join(fields)) if fields else ""
     message = str(first["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
+    return f"{where}: {message.lower()}" if where else message
 
 
 def check_paths(config: MountConfig) -> None:
