@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
+import pytest
 import trio
 import xxhash
 
@@ -72,3 +73,19 @@ class FakePeers:
         chunk = data[start : start + len(buffer)]
         buffer[: len(chunk)] = chunk
         return xxhash.xxh3_64_intdigest(chunk)
+
+
+# Test modules here are not a package, so helpers reach them as fixtures.
+@pytest.fixture
+def make_payload() -> Callable[..., bytes]:
+    return payload
+
+
+@pytest.fixture
+def fake_source_cls() -> type[FakeSource]:
+    return FakeSource
+
+
+@pytest.fixture
+def fake_peers_cls() -> type[FakePeers]:
+    return FakePeers

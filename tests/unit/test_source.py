@@ -1,0 +1,247 @@
+"""The source: path validation, safe opens, block reads and version checks."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import xxhash
+
+from memcachefs.errors import SourceError, StaleVersion
+from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.source import MAX_NAME_BYTES, MAX_PATH_BYTES, PathRejected, Source, validate_relpath
+
+BS = 4096
+
+
+@pytest.fixture
+def payload(make_payload):
+    return make_payload
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def source(root: Path) -> Iterator[Source]:
+    with Source(root, block_threads=2, metadata_threads=2) as source:
+        yield source
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    [b"", b"a", b"a/b/c.bin", b"..a", b"a..", b"a/.hidden", b"x" * MAX_NAME_BYTES],
+)
+def test_validate_relpath_accepts_clean_paths(relpath: bytes) -> None:
+    assert validate_relpath(relpath) == relpath
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        b"..",
+        b"../etc/passwd",
+        b"a/../../b",
+        b"a/..",
+        b"/etc/passwd",
+        b"/",
+        b"a\0b",
+        b"a//b",
+        b"a/",
+        b"./a",
+        b"a/./b",
+        b"x" * (MAX_NAME_BYTES + 1),
+        b"a/" * (MAX_PATH_BYTES // 2) + b"a",
+    ],
+)
+def test_validate_relpath_rejects_escapes_and_malformed_paths(relpath: bytes) -> None:
+    with pytest.raises(PathRejected):
+        validate_relpath(relpath)
+
+
+async def test_open_pins_the_current_version(root: Path, source: Source, payload) -> None:
+    (root / "d").mkdir()
+    data = payload(3 * BS + 10)
+    (root / "d" / "f").write_bytes(data)
+    version = await source.open(b"d/f")
+    st = os.stat(root / "d" / "f")
+    assert version == FileVersion(b"d/f", len(data), st.st_mtime_ns)
+    assert source.statistics().open_descriptors == 1
+    source.release(version)
+
+
+async def test_open_refuses_a_symlink_to_outside_the_root(
+    tmp_path: Path, root: Path, source: Source
+) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"do not serve")
+    (root / "link").symlink_to(secret)
+    with pytest.raises(OSError) as caught:
+        await source.open(b"link")
+    assert caught.value.errno == errno.ELOOP
+
+
+async def test_open_refuses_a_symlinked_directory_component(
+    tmp_path: Path, root: Path, source: Source
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f").write_bytes(b"do not serve")
+    (root / "dir").symlink_to(outside)
+    with pytest.raises(OSError) as caught:
+        await source.open(b"dir/f")
+    assert caught.value.errno in (errno.ELOOP, errno.ENOTDIR)
+    # Also a symlink that stays inside the root: the daemon never follows one.
+    (root / "real").mkdir()
+    (root / "real" / "f").write_bytes(b"inside")
+    (root / "alias").symlink_to("real")
+    with pytest.raises(OSError):
+        await source.open(b"alias/f")
+    assert (await source.open(b"real/f")).size == 6
+
+
+@pytest.mark.parametrize("relpath", [b"../root/f", b"/etc/passwd", b"a\0b", b"a//f"])
+async def test_open_refuses_rejected_paths_with_eacces(
+    root: Path, source: Source, relpath: bytes
+) -> None:
+    (root / "f").write_bytes(b"x")
+    with pytest.raises(OSError) as caught:
+        await source.open(relpath)
+    assert caught.value.errno == errno.EACCES
+
+
+async def test_open_of_a_fifo_fails_fast_instead_of_hanging(root: Path, source: Source) -> None:
+    os.mkfifo(root / "fifo")
+    with pytest.raises(OSError) as caught:
+        await source.open(b"fifo")
+    assert caught.value.errno == errno.EINVAL
+    assert source.statistics().open_descriptors == 0
+
+
+async def test_open_refuses_a_directory(root: Path, source: Source) -> None:
+    (root / "d").mkdir()
+    with pytest.raises(OSError):
+        await source.open(b"d")
+
+
+def rewrite_in_place(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 0)
+    finally:
+        os.close(fd)
+
+
+async def read(source: Source, version: FileVersion, index: int) -> tuple[bytes, int]:
+    key = BlockKey(version, index)
+    buffer = bytearray(key.length(BS))
+    checksum = await source.read_block(key, memoryview(buffer), BS)
+    return bytes(buffer), checksum
+
+
+async def test_read_block_returns_the_bytes_and_their_xxh3(
+    root: Path, source: Source, payload
+) -> None:
+    data = payload(3 * BS + 100, seed=1)
+    (root / "f").write_bytes(data)
+    version = await source.open(b"f")
+    for index in range(4):
+        block, checksum = await read(source, version, index)
+        expected = data[index * BS : (index + 1) * BS]
+        assert block == expected
+        assert checksum == xxhash.xxh3_64_intdigest(expected)
+    assert len(block) == 100  # the short last block
+    stats = source.statistics()
+    assert stats.block_reads == 4
+    assert stats.bytes_read == len(data)
+
+
+async def test_read_block_without_open_checks_the_version(
+    root: Path, source: Source, payload
+) -> None:
+    data = payload(BS, seed=2)
+    (root / "f").write_bytes(data)
+    st = os.stat(root / "f")
+    version = FileVersion(b"f", st.st_size, st.st_mtime_ns)
+    assert (await read(source, version, 0))[0] == data
+    wrong = FileVersion(b"f", st.st_size, st.st_mtime_ns + 1)
+    with pytest.raises(StaleVersion):
+        await read(source, wrong, 0)
+    assert source.statistics().stale_reads == 1
+
+
+async def test_read_block_of_a_file_changed_before_the_read_is_stale(
+    root: Path, source: Source, payload
+) -> None:
+    path = root / "f"
+    path.write_bytes(payload(2 * BS, seed=3))
+    st = os.stat(path)
+    version = FileVersion(b"f", st.st_size, st.st_mtime_ns)
+    path.write_bytes(payload(2 * BS, seed=4))  # rewritten, same size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(StaleVersion):
+        await read(source, version, 0)
+
+
+async def test_read_through_an_open_handle_after_in_place_rewrite_is_stale(
+    root: Path, source: Source, payload
+) -> None:
+    path = root / "f"
+    path.write_bytes(payload(2 * BS, seed=5))
+    version = await source.open(b"f")
+    rewrite_in_place(path, b"new bytes")  # the pinned descriptor sees the new bytes
+    os.utime(path, ns=(0, version.mtime_ns + 1_000_000))
+    with pytest.raises(StaleVersion):
+        await read(source, version, 0)
+    assert source.statistics().stale_reads == 1
+
+
+async def test_read_through_an_open_handle_after_truncation_is_stale(
+    root: Path, source: Source, payload
+) -> None:
+    path = root / "f"
+    path.write_bytes(payload(2 * BS, seed=6))
+    version = await source.open(b"f")
+    os.truncate(path, BS // 2)
+    with pytest.raises(StaleVersion):
+        await read(source, version, 1)
+
+
+async def test_read_through_an_open_handle_after_replacement_keeps_the_old_file(
+    root: Path, source: Source, payload
+) -> None:
+    old = payload(2 * BS, seed=7)
+    (root / "f").write_bytes(old)
+    version = await source.open(b"f")
+    (root / "f.tmp").write_bytes(payload(3 * BS, seed=8))
+    os.rename(root / "f.tmp", root / "f")
+    assert (await read(source, version, 1))[0] == old[BS:]
+
+
+async def test_read_block_of_a_vanished_file_is_a_source_error(root: Path, source: Source) -> None:
+    (root / "f").write_bytes(b"x" * 10)
+    st = os.stat(root / "f")
+    os.unlink(root / "f")
+    with pytest.raises(SourceError):
+        await read(source, FileVersion(b"f", 10, st.st_mtime_ns), 0)
+    assert source.statistics().read_errors == 1
+
+
+async def test_metadata_calls_do_not_follow_symlinks(
+    tmp_path: Path, root: Path, source: Source
+) -> None:
+    (tmp_path / "target").write_bytes(b"12345")
+    (root / "link").symlink_to(tmp_path / "target")
+    (root / "f").write_bytes(b"abc")
+    st = await source.lstat(b"link")
+    assert os.path.stat.S_ISLNK(st.st_mode)  # type: ignore[attr-defined]
+    assert await source.readlink(b"link") == os.fsencode(tmp_path / "target")
+    names = sorted(name for name, _ in await source.listdir(b""))
+    assert names == [b"f", b"link"]
