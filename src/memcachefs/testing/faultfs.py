@@ -1,0 +1,201 @@
+"""A read-only passthrough FUSE filesystem that injects source faults, for tests.
+
+    python -m memcachefs.testing.faultfs SRC MNT [--stall-file PATH]
+
+mirrors SRC at MNT (read-only, no caching: attributes time out at once and
+file reads bypass the page cache), with two faults a test controls:
+
+- a read of a file whose name contains ``.eio`` fails with EIO;
+- while the stall file exists (default: SRC's sibling ``SRC.stall``), every
+  request waits until it is removed: a frozen network source.
+
+It stands in for the slow directory under memcachefs. Its inode numbers are
+its own; stop it with SIGTERM/SIGINT or by unmounting MNT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import stat
+from collections.abc import Sequence
+
+import pyfuse3
+import trio
+
+EIO_MARKER = b".eio"
+_POLL_S = 0.02
+
+
+class FaultFS(pyfuse3.Operations):
+    def __init__(self, root: str, stall_file: str) -> None:
+        super().__init__()
+        self._root = os.fsencode(os.path.abspath(root))
+        self._stall_file = stall_file
+        self._paths: dict[int, bytes] = {pyfuse3.ROOT_INODE: self._root}
+        self._inodes: dict[bytes, int] = {self._root: pyfuse3.ROOT_INODE}
+        self._next_inode = pyfuse3.ROOT_INODE + 1
+        self._fds: dict[int, int] = {}
+
+    # -- faults ----------------------------------------------------------------
+    async def _gate(self) -> None:
+        # Polling a file on purpose: the test's create/remove takes effect for
+        # the very next request, with no signalling protocol to get wrong.
+        while os.path.exists(self._stall_file):  # noqa: ASYNC110, ASYNC240
+            await trio.sleep(_POLL_S)
+
+    # -- helpers ---------------------------------------------------------------
+    def _path(self, inode: int) -> bytes:
+        try:
+            return self._paths[inode]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def _inode(self, path: bytes) -> int:
+        inode = self._inodes.get(path)
+        if inode is None:
+            inode = self._inodes[path] = self._next_inode
+            self._paths[inode] = path
+            self._next_inode += 1
+        return inode
+
+    def _attributes(self, path: bytes) -> pyfuse3.EntryAttributes:
+        try:
+            st = os.lstat(path)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = self._inode(path)
+        entry.entry_timeout = 0
+        entry.attr_timeout = 0
+        for field in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size"):
+            setattr(entry, field, getattr(st, field))
+        entry.st_blksize = st.st_blksize
+        entry.st_blocks = st.st_blocks
+        entry.st_atime_ns = st.st_atime_ns
+        entry.st_mtime_ns = st.st_mtime_ns
+        entry.st_ctime_ns = st.st_ctime_ns
+        return entry
+
+    # -- metadata ----------------------------------------------------------------
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        await self._gate()
+        return self._attributes(os.path.join(self._path(parent_inode), name))
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        await self._gate()
+        return self._attributes(self._path(inode))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        await self._gate()
+        try:
+            return os.readlink(self._path(inode))
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        await self._gate()
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        await self._gate()
+        directory = self._path(fh)
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        for position in range(start_id, len(names)):
+            try:
+                attributes = self._attributes(os.path.join(directory, names[position]))
+            except pyfuse3.FUSEError:
+                continue  # vanished meanwhile
+            if not pyfuse3.readdir_reply(token, names[position], attributes, position + 1):
+                break
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        await self._gate()
+        vfs = os.statvfs(self._root)
+        data = pyfuse3.StatvfsData()
+        for field in (
+            "f_bsize",
+            "f_frsize",
+            "f_blocks",
+            "f_bfree",
+            "f_bavail",
+            "f_files",
+            "f_ffree",
+            "f_favail",
+            "f_namemax",
+        ):
+            setattr(data, field, getattr(vfs, field))
+        return data
+
+    # -- files -------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        await self._gate()
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT):
+            raise pyfuse3.FUSEError(errno.EROFS)
+        path = self._path(inode)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        self._fds[fd] = inode
+        # direct_io: every read reaches this process, so faults are never masked.
+        return pyfuse3.FileInfo(fh=fd, direct_io=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        await self._gate()
+        if EIO_MARKER in os.path.basename(self._path(self._fds[fh])):
+            raise pyfuse3.FUSEError(errno.EIO)
+        try:
+            return os.pread(fh, size, off)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+
+    async def release(self, fh: int) -> None:
+        if self._fds.pop(fh, None) is not None:
+            os.close(fh)
+
+
+async def _serve_until_signalled() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def stop_on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(stop_on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="faultfs", description=__doc__.splitlines()[0])
+    parser.add_argument("source")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--stall-file", help="every request waits while this file exists")
+    args = parser.parse_args(argv)
+    source = os.path.abspath(args.source)
+    stall_file = args.stall_file or source.rstrip("/") + ".stall"
+    fs = FaultFS(source, stall_file)
+    options = {"fsname=faultfs", "subtype=faultfs", "ro", "default_permissions"}
+    pyfuse3.init(fs, args.mountpoint, options)
+    try:
+        trio.run(_serve_until_signalled)
+    finally:
+        pyfuse3.close(unmount=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

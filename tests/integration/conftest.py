@@ -1,0 +1,237 @@
+"""Shared helpers for the real-mount tests: a fault-injecting source, the CLI, polling."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from memcachefs import mounts
+from memcachefs.testing import fuse_available
+
+T = TypeVar("T")
+
+DEADLINE_S = 20.0
+MEMCACHEFS = [sys.executable, "-m", "memcachefs"]
+
+
+def wait_until(
+    predicate: Callable[[], T], what: str, timeout_s: float = DEADLINE_S, interval_s: float = 0.02
+) -> T:
+    """Poll `predicate` until it returns something truthy; fail after a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def drop_page_cache(path: Path) -> None:
+    """Drop the kernel page cache of one file, so the next read reaches the daemon."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def mount_options(path: Path) -> set[str]:
+    """The per-mount options of `path` (field 6 of /proc/self/mountinfo)."""
+    target = str(path.absolute())
+    found: set[str] | None = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if mounts._unescape(fields[4]) == target:
+                found = set(fields[5].split(","))
+    assert found is not None, f"{path} is not mounted"
+    return found
+
+
+def run_cli(*args: str | Path, timeout_s: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`memcachefs ARGS` as a user runs it."""
+    return subprocess.run(
+        [*MEMCACHEFS, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@contextlib.contextmanager
+def in_thread(function: Callable[[], T]) -> Iterator[Callable[[float], T]]:
+    """Run `function` in a thread; yields `result(timeout_s)` (fails on a deadline)."""
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(("ok", function()))
+        except BaseException as error:
+            outcome.append(("error", error))
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def result(timeout_s: float = DEADLINE_S) -> T:
+        thread.join(timeout_s)
+        if thread.is_alive():
+            pytest.fail(f"{function} did not finish within {timeout_s:.0f}s")
+        kind, value = outcome[0]
+        if kind == "error":
+            raise value
+        return value  # type: ignore[no-any-return]
+
+    yield result
+    thread.join(DEADLINE_S)
+
+
+def _require_fuse() -> None:
+    reason = fuse_available()
+    if reason is not None:
+        if os.environ.get("MEMCACHEFS_REQUIRE_FUSE") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+# -- a fault-injecting source ---------------------------------------------------------
+@dataclass
+class FaultSource:
+    """A faultfs mount over `backing`: use `path` as memcachefs's source."""
+
+    backing: Path
+    path: Path
+    stall_file: Path
+    process: subprocess.Popen[bytes]
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Every request to the source waits while inside this block."""
+        self.stall_file.touch()
+        try:
+            yield
+        finally:
+            self.stall_file.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def fault_source(tmp_path: Path) -> Iterator[FaultSource]:
+    """A source directory served by memcachefs.testing.faultfs (see its docstring)."""
+    _require_fuse()
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    path = tmp_path / "faulty"
+    path.mkdir()
+    stall_file = tmp_path / "faulty.stall"
+    log = open(tmp_path / "faultfs.log", "wb")  # noqa: SIM115 (closed at teardown)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "memcachefs.testing.faultfs",
+            str(backing),
+            str(path),
+            "--stall-file",
+            str(stall_file),
+        ],
+        stdout=log,
+        stderr=log,
+    )
+    source = FaultSource(backing, path, stall_file, process)
+    try:
+        wait_until(
+            lambda: process.poll() is not None or mounts.find_mount(path) is not None,
+            "faultfs to mount",
+        )
+        assert process.poll() is None, (tmp_path / "faultfs.log").read_text()
+        yield source
+    finally:
+        stall_file.unlink(missing_ok=True)
+        if mounts.find_mount(path) is not None:
+            with contextlib.suppress(OSError):
+                mounts.unmount(path)
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+# -- mounts made through the CLI ------------------------------------------------------
+@dataclass
+class CliMounts:
+    """Mountpoints a test mounted with `memcachefs mount`; unmounted at teardown."""
+
+    tmp_path: Path
+    mountpoints: list[Path] = field(default_factory=list)
+
+    def track(self, mountpoint: Path) -> Path:
+        self.mountpoints.append(mountpoint)
+        return mountpoint
+
+    def mount(self, source: Path, mountpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        self.track(mountpoint)
+        return run_cli(
+            "mount",
+            source,
+            mountpoint,
+            "--capacity",
+            "16M",
+            "--log-file",
+            self.tmp_path / f"{mountpoint.name}.log",
+            *args,
+        )
+
+    def cleanup(self) -> None:
+        for mountpoint in self.mountpoints:
+            while mounts.find_mount(mountpoint) is not None:
+                run_cli("umount", mountpoint)
+                if mounts.find_mount(mountpoint) is not None:
+                    mounts.unmount(mountpoint, lazy=True)
+
+
+@pytest.fixture
+def cli_mounts(tmp_path: Path) -> Iterator[CliMounts]:
+    _require_fuse()
+    tracked = CliMounts(tmp_path)
+    try:
+        yield tracked
+    finally:
+        tracked.cleanup()
+
+
+# -- an unexpected exception inside the daemon -----------------------------------------
+@pytest.fixture
+def inject_into_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+    """`inject_into_daemon(code)`: daemons started afterwards run `code` at startup.
+
+    Done with a sitecustomize module on PYTHONPATH, so the daemon under test is
+    the real one, started the real way, with one function patched to fail.
+    """
+
+    def inject(code: str) -> None:
+        directory = tmp_path / "inject"
+        directory.mkdir()
+        (directory / "sitecustomize.py").write_text(textwrap.dedent(code))
+        existing = os.environ.get("PYTHONPATH")
+        monkeypatch.setenv(
+            "PYTHONPATH", str(directory) + (os.pathsep + existing if existing else "")
+        )
+
+    return inject
