@@ -1,0 +1,200 @@
+"""Attributes and listings: cached for a TTL, new names at once, stale answers on a stall."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from memcachefs.metadata import MetadataCache
+from memcachefs.source import Source
+
+TTL_S = 1.0
+
+
+class ManualClock:
+    """The cache's clock, moved only by the test: TTL checks without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    root.mkdir()
+    return root
+
+
+@pytest.fixture
+def source(root: Path) -> Iterator[Source]:
+    with Source(root, block_threads=2, metadata_threads=2) as source:
+        yield source
+
+
+def source_calls(source: Source) -> int:
+    return source.statistics().metadata_calls
+
+
+async def test_second_lstat_within_ttl_does_not_ask_the_source(root: Path, source: Source) -> None:
+    (root / "f").write_bytes(b"abc")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        assert (await cache.lstat(b"f")).st_size == 3
+        (root / "f").write_bytes(b"abcdef")
+        clock.now += TTL_S / 2
+        assert (await cache.lstat(b"f")).st_size == 3  # cached answer
+        assert source_calls(source) == 1
+        clock.now += TTL_S
+        assert (await cache.lstat(b"f")).st_size == 6  # refreshed after the TTL
+        assert source_calls(source) == 2
+        assert cache.statistics().refreshes == 2
+
+
+async def test_a_new_name_is_visible_at_once(root: Path, source: Source) -> None:
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=ManualClock())
+        with pytest.raises(FileNotFoundError):
+            await cache.lstat(b"new")
+        (root / "new").write_bytes(b"x")
+        assert (await cache.lstat(b"new")).st_size == 1  # misses are not cached
+
+
+async def test_listing_shows_new_files_after_ttl_or_forget(root: Path, source: Source) -> None:
+    (root / "a").write_bytes(b"a")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+
+        async def names() -> list[bytes]:
+            return sorted(name for name, _ in await cache.listdir(b""))
+
+        assert await names() == [b"a"]
+        (root / "b").write_bytes(b"b")
+        assert await names() == [b"a"]  # within the TTL
+        cache.forget(b"")
+        assert await names() == [b"a", b"b"]
+        (root / "c").write_bytes(b"c")
+        clock.now += TTL_S
+        assert await names() == [b"a", b"b", b"c"]
+
+
+async def test_listing_primes_the_attributes_of_its_entries(root: Path, source: Source) -> None:
+    (root / "d").mkdir()
+    (root / "d" / "f").write_bytes(b"12345")
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=ManualClock())
+        await cache.listdir(b"d")
+        calls = source_calls(source)
+        assert (await cache.lstat(b"d/f")).st_size == 5
+        assert source_calls(source) == calls
+        assert cache.last_known(b"d/f") is not None
+
+
+async def test_a_deleted_file_disappears_after_the_ttl(root: Path, source: Source) -> None:
+    (root / "f").write_bytes(b"x")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        await cache.lstat(b"f")
+        os.unlink(root / "f")
+        clock.now += TTL_S
+        with pytest.raises(FileNotFoundError):
+            await cache.lstat(b"f")
+        assert cache.last_known(b"f") is None
+
+
+async def test_remember_records_a_fresh_answer(root: Path, source: Source) -> None:
+    (root / "f").write_bytes(b"xyz")
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=ManualClock())
+        cache.remember(b"f", os.lstat(root / "f"))
+        assert (await cache.lstat(b"f")).st_size == 3
+        assert source_calls(source) == 0
+
+
+class StallingSource:
+    """A source whose lstat can be frozen, like a hung NFS server or bucket."""
+
+    def __init__(self) -> None:
+        self.sizes: dict[bytes, int] = {}
+        self.calls = 0
+        self.unstall: trio.Event | None = None
+
+    async def lstat(self, relpath: bytes) -> Any:
+        self.calls += 1
+        if self.unstall is not None:
+            await self.unstall.wait()
+        else:
+            await trio.lowlevel.checkpoint()
+        return os.stat_result((0o100644, 0, 0, 1, 0, 0, self.sizes[relpath], 0, 0, 0))
+
+
+async def test_stalled_source_gets_the_previous_answer_after_the_grace_period(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source = StallingSource()
+    source.sizes[b"f"] = 10
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(
+            source,  # type: ignore[arg-type]
+            nursery,
+            ttl_s=TTL_S,
+            stale_grace_s=0.5,
+            clock=trio.current_time,
+        )
+        assert (await cache.lstat(b"f")).st_size == 10
+        await trio.sleep(TTL_S * 2)
+        source.sizes[b"f"] = 20
+        source.unstall = trio.Event()
+        started = trio.current_time()
+        results: list[int] = []
+
+        async def ask() -> None:
+            results.append((await cache.lstat(b"f")).st_size)
+
+        async with trio.open_nursery() as askers:
+            for _ in range(3):
+                askers.start_soon(ask)
+        # Answered from the previous result once the grace period passed, not later.
+        assert results == [10, 10, 10]
+        assert trio.current_time() - started == pytest.approx(0.5)
+        assert cache.statistics().stale_answers == 3
+        assert source.calls == 2  # one refresh, shared, still running
+
+        source.unstall.set()
+        await trio.testing.wait_all_tasks_blocked()
+        source.unstall = None
+        assert (await cache.lstat(b"f")).st_size == 20  # the refresh landed
+        assert source.calls == 2
+
+
+async def test_stalled_source_with_nothing_cached_waits_for_the_source(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source = StallingSource()
+    source.sizes[b"f"] = 10
+    source.unstall = trio.Event()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(
+            source,  # type: ignore[arg-type]
+            nursery,
+            ttl_s=TTL_S,
+            stale_grace_s=0.5,
+            clock=trio.current_time,
+        )
+        with trio.move_on_after(60) as scope:
+            await cache.lstat(b"f")
+        assert scope.cancelled_caught  # no previous answer to fall back on
+        source.unstall.set()
+        assert (await cache.lstat(b"f")).st_size == 10
+        assert cache.statistics().stale_answers == 0
