@@ -22,15 +22,21 @@ from memcachefs.keys import BlockKey
 
 
 class Block:
-    """Immutable bytes of one block: a buffer, the valid length and its xxh3-64."""
+    """Immutable bytes of one block: a buffer, the valid length and its xxh3-64.
 
-    __slots__ = ("buffer", "checksum", "length", "pins")
+    `recycled` turns True when the block was evicted and its buffer went back to
+    the store for another fill: from then on its bytes may belong to another
+    key, so a holder must not serve them (it fills the block again instead).
+    """
+
+    __slots__ = ("buffer", "checksum", "length", "pins", "recycled")
 
     def __init__(self, buffer: bytearray, length: int, checksum: int) -> None:
         self.buffer = buffer
         self.length = length
         self.checksum = checksum
         self.pins = 0
+        self.recycled = False
 
     @property
     def view(self) -> memoryview:
@@ -150,11 +156,14 @@ class BlockStore:
     def _retire(self, block: Block) -> None:
         self._evictions += 1
         if block.pins == 0:
-            self._recycle(block.buffer)
+            block.recycled = self._recycle(block.buffer)
 
-    def _recycle(self, buffer: bytearray) -> None:
+    def _recycle(self, buffer: bytearray) -> bool:
+        """Keep a full-size buffer for reuse; True if it was kept."""
         if len(buffer) == self.block_size_bytes:
             self._free.append(buffer)
+            return True
+        return False
 
     def statistics(self) -> StoreStatistics:
         return StoreStatistics(

@@ -209,3 +209,32 @@ def test_budget_holds_under_random_operations(seed: int) -> None:
         assert stats.used_bytes + stats.reserved_bytes + stats.free_buffer_bytes <= capacity
         assert stats.reserved_bytes == sum(len(b) for _, b in reserved)
         assert stats.blocks == len(store)
+
+
+def test_block_is_marked_recycled_once_its_buffer_is_reused() -> None:
+    # A reader still holding such a block must not serve its bytes.
+    store = BlockStore(BS, BS)
+    store_block(store, key(0), fill=1)
+    old = store.get(key(0))
+    assert old is not None
+    assert not old.recycled
+    store_block(store, key(1), fill=2)
+    assert old.recycled
+    assert bytes(old.view) == bytes([2]) * BS  # the reason for the flag
+
+
+def test_pinned_or_short_blocks_are_not_marked_recycled_on_eviction() -> None:
+    version = FileVersion(b"short", 100, 1)
+    store = BlockStore(BS, BS)
+    store_block(store, key(0, version), fill=3)
+    short = store.get(key(0, version))
+    assert short is not None
+    store_block(store, key(0), fill=4)
+    assert key(0, version) not in store
+    assert not short.recycled  # its buffer was dropped, never handed out again
+    assert bytes(short.view) == bytes([3]) * 100
+    pinned = store.get(key(0))
+    assert pinned is not None
+    pinned.pins = 1
+    store.discard(key(0))
+    assert not pinned.recycled
