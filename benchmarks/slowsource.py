@@ -200,6 +200,11 @@ def _unmount(path: Path) -> None:
         _log(f"warning: could not unmount {path}")
 
 
+def _clean_env() -> dict[str, str]:
+    """The environment without AWS_*/RCLONE_* (an AWS_CA_BUNDLE breaks rclone's S3 client)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+
+
 def _rate_arg(rate: str | int | None) -> str | None:
     if rate is None:
         return None
@@ -423,7 +428,7 @@ class Mount:
         self.argv = argv
         self.mountpoint = mountpoint
         self.cache_dir = cache_dir
-        self.env = dict(env) if env is not None else None
+        self.env = dict(env) if env is not None else _clean_env()
         self.log_path = log_path
         self.ready_timeout = ready_timeout
         self._state = state
