@@ -620,6 +620,7 @@ class SlowSource:
         self._alts: list[Mount] = []
         self._old_handlers: dict[int, Any] = {}
         self._started = False
+        self._owns = False  # set once start() has checked that no one else is up
 
     # ---- lifecycle
 
@@ -632,6 +633,10 @@ class SlowSource:
     def start(self) -> SlowSource:
         if self._started:
             return self
+        if not self.plain:
+            _require_root()
+            self._check_not_running()  # before owning anything: never tear down another run
+        self._owns = True
         self._install_signal_handlers()
         try:
             if self.plain:
@@ -648,7 +653,7 @@ class SlowSource:
         """Tear down everything this object created (never raises)."""
         self._shield_signals()
         try:
-            if self.keep_up and not force:
+            if (self.keep_up and not force) or not self._owns:
                 return
             for alt in reversed(self._alts):
                 with contextlib.suppress(Exception):
@@ -661,6 +666,7 @@ class SlowSource:
             self._server = None
             self._s3fs = None
             self._started = False
+            self._owns = False
         finally:
             self._restore_signal_handlers()
 
@@ -706,8 +712,6 @@ class SlowSource:
     # ---- the S3 stack
 
     def _start_s3(self) -> None:
-        _require_root()
-        self._check_not_running()
         teardown(self._state.path)  # leftovers of a dead run
         if self.install:
             ensure_installed()
@@ -986,6 +990,9 @@ class SlowSource:
         """Leave everything up after this process exits (CLI `up`); `down` removes it."""
         self.keep_up = True
         self._state.data["detached"] = True
+        if self.plain:
+            self._state.data["info"] = {"source": str(self.mountpoint), "plain": True}
+            self._state.data["dirs"] = [str(self.mountpoint)]
         self._state.save()
 
 
