@@ -343,9 +343,10 @@ class _State:
     @staticmethod
     def load(path: Path = STATE_FILE) -> dict[str, Any] | None:
         try:
-            return json.loads(path.read_text())
+            data = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
+        return data if isinstance(data, dict) else None
 
 
 def teardown(state_path: Path = STATE_FILE, *, verbose: bool = False) -> None:
@@ -1016,7 +1017,7 @@ def _status(as_json: bool) -> int:
         f"{p['name']}:{p['pid']}": _pid_alive(p["pid"], p.get("starttime"))
         for p in data.get("pids", [])
     }
-    ns = data.get("netns")
+    ns = str(data.get("netns") or "")
     out["netns"] = ns if ns and Path(f"/run/netns/{ns}").exists() else None
     if out["netns"]:
         with contextlib.suppress(Exception):
