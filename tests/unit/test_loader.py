@@ -288,5 +288,5 @@ async def test_block_never_returns_a_recycled_block_under_pressure(fake, files) 
 
         async with trio.open_nursery() as readers:
             for _ in range(8):
-                readers.start_soon(reader, [rng.randrange(20) for _ in range(15)])
+                readers.start_soon(reader, [rng.randrange(20) for _ in range(40)])
     assert recycled == []
