@@ -103,10 +103,10 @@ class Source:
 
     # -- metadata ------------------------------------------------------------
     async def lstat(self, relpath: bytes) -> os.stat_result:
-        return await self._metadata(os.lstat, relpath or b".", dir_fd=self._root_fd)
+        return await self._metadata(self._at_parent, relpath, _lstat_at)
 
     async def readlink(self, relpath: bytes) -> bytes:
-        return await self._metadata(os.readlink, relpath, dir_fd=self._root_fd)
+        return await self._metadata(self._at_parent, relpath, _readlink_at)
 
     async def listdir(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
         """Names and lstat results of a directory's entries (vanished ones skipped)."""
@@ -138,8 +138,32 @@ class Source:
         return entries
 
     def _xattr(self, call: Callable[..., T], relpath: bytes, *args: object) -> T:
-        path = os.path.join(os.fsencode(self.root), relpath) if relpath else self.root
-        return call(path, *args, follow_symlinks=False)
+        def at(dir_fd: int, name: bytes) -> T:
+            # The parent by descriptor: no symlink in the path is followed.
+            return call(b"/proc/self/fd/%d/%s" % (dir_fd, name), *args, follow_symlinks=False)
+
+        return self._at_parent(relpath, at)
+
+    def _at_parent(self, relpath: bytes, call: Callable[[int, bytes], T]) -> T:
+        """`call(dir_fd, name)` for the last component of `relpath`.
+
+        The parent directories are opened like files (no symlink followed), so a
+        directory swapped for a symlink cannot expose metadata outside the root.
+        """
+        if not relpath:
+            return call(self._root_fd, b".")
+        try:
+            validate_relpath(relpath)
+        except PathRejected as error:
+            raise OSError(errno.EACCES, str(error)) from error
+        head, _, name = relpath.rpartition(b"/")
+        if not head:
+            return call(self._root_fd, name)
+        dir_fd = self._open_beneath(head, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return call(dir_fd, name)
+        finally:
+            os.close(dir_fd)
 
     async def _metadata(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
         self._metadata_calls += 1
@@ -261,6 +285,14 @@ class Source:
             open_descriptors=len(self._descriptors),
             metadata_calls=self._metadata_calls,
         )
+
+
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
+    return os.lstat(name, dir_fd=dir_fd)
+
+
+def _readlink_at(dir_fd: int, name: bytes) -> bytes:
+    return os.readlink(name, dir_fd=dir_fd)
 
 
 def _read_exactly(fd: int, buffer: memoryview, offset: int, version: FileVersion) -> int:

@@ -245,3 +245,49 @@ async def test_metadata_calls_do_not_follow_symlinks(
     assert await source.readlink(b"link") == os.fsencode(tmp_path / "target")
     names = sorted(name for name, _ in await source.listdir(b""))
     assert names == [b"f", b"link"]
+
+
+async def test_metadata_never_follows_a_symlinked_directory_component(
+    tmp_path: Path, root: Path, source: Source
+) -> None:
+    # A directory swapped for a symlink must not expose what lies outside the root.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"1234567")
+    (outside / "link").symlink_to("/target")
+    (root / "dir").symlink_to(outside)
+    for call in (source.lstat, source.readlink, source.listxattr):
+        with pytest.raises(OSError) as caught:
+            await call(b"dir/secret" if call is not source.readlink else b"dir/link")
+        assert caught.value.errno in (errno.ENOTDIR, errno.ELOOP)
+    with pytest.raises(OSError):
+        await source.getxattr(b"dir/secret", b"user.x")
+    with pytest.raises(OSError) as caught:
+        await source.lstat(b"../outside/secret")
+    assert caught.value.errno == errno.EACCES
+
+
+async def test_metadata_of_nested_paths_and_the_root(root: Path, source: Source) -> None:
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "f").write_bytes(b"12345")
+    (root / "a" / "b" / "l").symlink_to("f")
+    assert (await source.lstat(b"a/b/f")).st_size == 5
+    assert await source.readlink(b"a/b/l") == b"f"
+    assert os.path.stat.S_ISDIR((await source.lstat(b"")).st_mode)  # type: ignore[attr-defined]
+    with pytest.raises(FileNotFoundError):
+        await source.lstat(b"a/missing/f")
+
+
+async def test_xattrs_pass_through_read_only(root: Path, source: Source) -> None:
+    (root / "d").mkdir()
+    path = root / "d" / "f"
+    path.write_bytes(b"x")
+    try:
+        os.setxattr(path, b"user.origin", b"bucket")
+    except OSError as error:
+        pytest.skip(f"no user xattrs on {root}: {error.strerror}")
+    assert await source.getxattr(b"d/f", b"user.origin") == b"bucket"
+    assert "user.origin" in await source.listxattr(b"d/f")
+    with pytest.raises(OSError) as caught:
+        await source.getxattr(b"d/f", b"user.missing")
+    assert caught.value.errno == errno.ENODATA
