@@ -67,7 +67,11 @@ class Served:
 
 @asynccontextmanager
 async def serving(
-    root: Path, *, capacity_blocks: int = 64, read_ahead_blocks: int = 4
+    root: Path,
+    *,
+    capacity_blocks: int = 64,
+    read_ahead_blocks: int = 4,
+    stale_grace_s: float = 60.0,
 ) -> AsyncIterator[Served]:
     clock = ManualClock()
     listed: list[tuple[bytes, pyfuse3.EntryAttributes, int]] = []
@@ -79,8 +83,10 @@ async def serving(
     with Source(root, block_threads=4, metadata_threads=4) as source:
         store = BlockStore(capacity_blocks * BS, BS)
         async with trio.open_nursery() as nursery:
-            # A long grace: the open path never falls back to unpinned versions here.
-            metadata = MetadataCache(source, nursery, ttl_s=TTL_S, stale_grace_s=60, clock=clock)
+            # A long grace by default: opens never fall back to unpinned versions.
+            metadata = MetadataCache(
+                source, nursery, ttl_s=TTL_S, stale_grace_s=stale_grace_s, clock=clock
+            )
             loader = Loader(store, source, nursery, read_ahead_blocks=read_ahead_blocks)
             statistics = StatisticsSnapshot(block_size_bytes=BS)
             fs = Filesystem(
@@ -152,6 +158,23 @@ async def test_a_new_file_is_found_by_name_at_once(served: Served) -> None:
     await expect_errno(errno.ENOENT, served.fs.lookup(ROOT, b"late"))
     (served.root / "late").write_bytes(b"hello")
     assert (await served.fs.lookup(ROOT, b"late")).st_size == 5
+
+
+async def test_lookup_of_dot_and_dotdot(served: Served) -> None:
+    (served.root / "d").mkdir()
+    (served.root / "d" / "f").write_bytes(b"")
+    d = await served.inode("d")
+    assert (await served.fs.lookup(d, b".")).st_ino == d
+    assert (await served.fs.lookup(d, b"..")).st_ino == ROOT
+    assert (await served.fs.lookup(ROOT, b"..")).st_ino == ROOT
+
+
+async def test_forgotten_inode_is_estale(served: Served) -> None:
+    (served.root / "f").write_bytes(b"x")
+    inode = await served.inode("f")
+    await served.fs.forget([(inode, 1)])
+    await expect_errno(errno.ESTALE, served.fs.getattr(inode))
+    await expect_errno(errno.ESTALE, served.fs.open(inode, os.O_RDONLY))
 
 
 async def test_lookup_in_a_subdirectory(served: Served) -> None:
@@ -438,3 +461,32 @@ async def test_keep_cache_only_on_a_reopen_of_the_same_version(served: Served) -
     again = await served.fs.open(inode, os.O_RDONLY)
     assert again.keep_cache is True
     assert (await served.fs.getattr(inode)).st_size == len(b"version two, longer")
+
+
+async def test_open_on_a_stalled_source_serves_cached_blocks_unpinned(
+    tmp_path: Path, make_payload, monkeypatch: pytest.MonkeyPatch, autojump_clock: Any
+) -> None:
+    data = make_payload(2 * BS, seed=30)
+    (tmp_path / "f").write_bytes(data)
+    async with serving(tmp_path, read_ahead_blocks=0, stale_grace_s=0.5) as served:
+        inode = await served.inode("f")  # attributes known from the lookup
+        version = await served.source.open(b"f")
+        await served.loader.block(BlockKey(version, 0), BS)  # block 0 cached
+        served.source.release(version)
+        unstall = trio.Event()
+        real_open = served.source.open
+
+        async def stalled_open(relpath: bytes) -> FileVersion:
+            await unstall.wait()
+            return await real_open(relpath)
+
+        monkeypatch.setattr(served.source, "open", stalled_open)
+        started = trio.current_time()
+        fh = (await served.fs.open(inode, os.O_RDONLY)).fh
+        assert trio.current_time() - started == pytest.approx(0.5)  # the grace, not forever
+        assert served.fs.statistics().unpinned_opens == 1
+        assert bytes(await served.fs.read(fh, 0, BS)) == data[:BS]
+        # A block that needs the source is read by path and checked against the version.
+        assert bytes(await served.fs.read(fh, BS, BS)) == data[BS:]
+        await served.fs.release(fh)
+        unstall.set()
