@@ -27,6 +27,8 @@ from memcachefs.config import (
     ClusterConfig,
     MountConfig,
     format_size,
+    is_loopback_host,
+    parse_host_port,
     parse_size,
 )
 from memcachefs.errors import ConfigError, MemcachefsError
@@ -113,6 +115,44 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long SIGTERM waits for reads in flight (default 10)",
     )
+    cluster = mount.add_argument_group("cluster (instances share their memory)")
+    cluster.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve blocks to peers on this address (a non-loopback address needs "
+        "--cluster-secret-file)",
+    )
+    cluster.add_argument(
+        "--peer",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a peer's --listen address (repeatable)",
+    )
+    cluster.add_argument(
+        "--peers-dns",
+        metavar="NAME:PORT",
+        help="peers are the addresses of NAME, re-resolved every few seconds "
+        "(e.g. a Kubernetes headless Service)",
+    )
+    cluster.add_argument(
+        "--peers-file",
+        metavar="PATH",
+        help="peers listed one HOST:PORT per line, re-read when the file changes",
+    )
+    cluster.add_argument(
+        "--cluster-secret-file",
+        metavar="PATH",
+        help="file holding the secret peers authenticate their requests with "
+        "(not readable by others)",
+    )
+    cluster.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="deadline for a block from a peer before reading the source (default 5)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount, whether the daemon is alive or not")
@@ -166,7 +206,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
                 read_ahead_blocks=args.read_ahead,
                 source_threads=args.source_threads,
             ),
-            cluster=ClusterConfig(),
+            cluster=cluster_from_args(args),
             attr_timeout_s=args.attr_timeout,
             kernel_read_ahead_kib=kernel_read_ahead // 1024,
             allow_other=args.allow_other,
@@ -184,6 +224,8 @@ _OPTION_OF_FIELD = {
     "attr_timeout_s": "--attr-timeout",
     "kernel_read_ahead_kib": "--kernel-read-ahead (KiB)",
     "shutdown_grace_s": "--shutdown-grace",
+    "peer_timeout_s": "--peer-timeout",
+    "listen": "--listen",
 }
 
 
@@ -193,6 +235,59 @@ def _first_validation_message(error: pydantic.ValidationError) -> str:
     where = _OPTION_OF_FIELD.get(fields[-1], ".".join(fields)) if fields else ""
     message = str(first["msg"]).removeprefix("Value error, ")
     return f"{where}: {message.lower()}" if where else message
+
+
+def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
+    """The cluster options, checked; ConfigError (one line) on bad input."""
+    listen = _address(args.listen, "--listen") if args.listen else None
+    peers = tuple(_address(text, "--peer") for text in args.peer)
+    peers_dns = _address(args.peers_dns, "--peers-dns") if args.peers_dns else None
+    peers_file = None
+    if args.peers_file:
+        from memcachefs.membership import read_peers_file
+
+        peers_file = Path(args.peers_file).absolute()
+        try:
+            read_peers_file(peers_file)
+        except OSError as error:
+            raise ConfigError(f"--peers-file {args.peers_file}: {error.strerror}") from None
+    secret = read_secret(Path(args.cluster_secret_file)) if args.cluster_secret_file else None
+    if listen is not None and secret is None and not is_loopback_host(listen[0]):
+        raise ConfigError(
+            f"--listen {args.listen}: a non-loopback address needs --cluster-secret-file "
+            "(peers must authenticate)"
+        )
+    return ClusterConfig(
+        listen=listen,
+        peers=peers,
+        peers_dns=peers_dns,
+        peers_file=peers_file,
+        secret=secret,
+        peer_timeout_s=args.peer_timeout,
+    )
+
+
+def _address(text: str, option: str) -> tuple[str, int]:
+    host, port = parse_host_port(text, option)
+    if port == 0:
+        raise ConfigError(f"invalid {option} {text!r}: the port must be 1-65535")
+    return host, port
+
+
+def read_secret(path: Path) -> bytes:
+    """The cluster secret: the file's bytes without surrounding whitespace."""
+    option = "--cluster-secret-file"
+    try:
+        mode = path.stat().st_mode
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{option} {path}: {error.strerror}") from None
+    if mode & 0o004:
+        raise ConfigError(f"{option} {path} is readable by everyone (chmod 600 it)")
+    secret = data.strip()
+    if not secret:
+        raise ConfigError(f"{option} {path} is empty")
+    return secret
 
 
 def check_paths(config: MountConfig) -> None:
@@ -303,6 +398,17 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     ]
     if args.allow_other:
         argv.append("--allow-other")
+    if args.listen:
+        argv += ["--listen", args.listen]
+    for peer in args.peer:
+        argv += ["--peer", peer]
+    if args.peers_dns:
+        argv += ["--peers-dns", args.peers_dns]
+    if args.peers_file:
+        argv += ["--peers-file", str(Path(args.peers_file).absolute())]
+    if args.cluster_secret_file:
+        argv += ["--cluster-secret-file", str(Path(args.cluster_secret_file).absolute())]
+    argv += ["--peer-timeout", str(args.peer_timeout)]
     return argv
 
 

@@ -19,12 +19,14 @@ import trio
 
 from memcachefs import mounts
 from memcachefs.blockstore import BlockStore
-from memcachefs.config import MountConfig
+from memcachefs.config import ClusterConfig, MountConfig
 from memcachefs.errors import MountError
 from memcachefs.fs import Filesystem
 from memcachefs.loader import Loader
+from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
-from memcachefs.metrics import StatisticsSnapshot
+from memcachefs.metrics import HasStatistics, StatisticsSnapshot
+from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.source import Source
 
 log = logging.getLogger(__name__)
@@ -59,46 +61,106 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None
     """Mount and serve until unmounted or signalled. Raises MountError if it cannot mount."""
     pin_malloc_mmap_threshold()
     cache = config.cache
-    with Source(
-        config.source,
-        block_threads=cache.source_threads,
-        metadata_threads=cache.metadata_threads,
-    ) as source:
-        store = BlockStore(cache.capacity_bytes, cache.block_size_bytes)
-        async with trio.open_nursery() as nursery:
-            metadata = MetadataCache(source, nursery, ttl_s=config.attr_timeout_s)
-            loader = Loader(store, source, nursery, read_ahead_blocks=cache.read_ahead_blocks)
-            statistics = StatisticsSnapshot(
-                mountpoint=str(config.mountpoint),
-                source=str(config.source),
-                block_size_bytes=cache.block_size_bytes,
-            )
-            fs = Filesystem(
-                source,
-                metadata,
-                loader,
-                attr_timeout_s=config.attr_timeout_s,
-                statistics=statistics,
-                nursery=nursery,
-            )
-            for name, component in (
-                ("store", store),
-                ("loader", loader),
-                ("source", source),
-                ("metadata", metadata),
-                ("fs", fs),
-            ):
-                statistics.add(name, component)
-            _mount(fs, config)
-            try:
-                nursery.start_soon(_announce_ready, config, on_ready)
-                nursery.start_soon(_stop_on_signal, fs, config.shutdown_grace_s)
-                await pyfuse3.main()
-            finally:
-                still_mounted = mounts.find_mount(config.mountpoint) is not None
-                pyfuse3.close(unmount=still_mounted)
-                nursery.cancel_scope.cancel()
+    cluster = config.cluster
+    # Bound before anything else: a busy peer port is a clear error and nothing is mounted.
+    listeners = await open_peer_listeners(cluster)
+    try:
+        with Source(
+            config.source,
+            block_threads=cache.source_threads,
+            metadata_threads=cache.metadata_threads,
+        ) as source:
+            store = BlockStore(cache.capacity_bytes, cache.block_size_bytes)
+            async with trio.open_nursery() as nursery:
+                metadata = MetadataCache(source, nursery, ttl_s=config.attr_timeout_s)
+                loader = Loader(store, source, nursery, read_ahead_blocks=cache.read_ahead_blocks)
+                statistics = StatisticsSnapshot(
+                    mountpoint=str(config.mountpoint),
+                    source=str(config.source),
+                    block_size_bytes=cache.block_size_bytes,
+                )
+                fs = Filesystem(
+                    source,
+                    metadata,
+                    loader,
+                    attr_timeout_s=config.attr_timeout_s,
+                    statistics=statistics,
+                    nursery=nursery,
+                )
+                components: list[tuple[str, HasStatistics]] = [
+                    ("store", store),
+                    ("loader", loader),
+                    ("source", source),
+                    ("metadata", metadata),
+                    ("fs", fs),
+                ]
+                peer_server, client = await _start_cluster(
+                    cluster, loader, listeners, nursery, components
+                )
+                for name, component in components:
+                    statistics.add(name, component)
+                _mount(fs, config)
+                try:
+                    nursery.start_soon(_announce_ready, config, on_ready)
+                    nursery.start_soon(_stop_on_signal, fs, config.shutdown_grace_s, peer_server)
+                    await pyfuse3.main()
+                finally:
+                    still_mounted = mounts.find_mount(config.mountpoint) is not None
+                    pyfuse3.close(unmount=still_mounted)
+                    nursery.cancel_scope.cancel()
+                    if client is not None:
+                        client.close()
+    finally:
+        for listener in listeners:
+            listener.socket.close()
     log.info("unmounted %s", config.mountpoint)
+
+
+async def open_peer_listeners(cluster: ClusterConfig) -> list[trio.SocketListener]:
+    """Listeners on the --listen address; MountError (one line) if it cannot be bound."""
+    if cluster.listen is None:
+        return []
+    host, port = cluster.listen
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as error:
+        raise MountError(
+            f"cannot listen for peers on {host}:{port}: {error.strerror or error}"
+        ) from None
+
+
+async def _start_cluster(
+    cluster: ClusterConfig,
+    loader: Loader,
+    listeners: list[trio.SocketListener],
+    nursery: trio.Nursery,
+    components: list[tuple[str, HasStatistics]],
+) -> tuple[PeerServer | None, PeerClient | None]:
+    """Membership, the peer client (wired into the loader) and the peer server."""
+    if not cluster.enabled:
+        return None, None
+    secret = cluster.secret or b""
+    membership = Membership(cluster)
+    await nursery.start(membership.run)
+    client = PeerClient(
+        membership,
+        block_size=loader.block_size,
+        secret=secret,
+        timeout_s=cluster.peer_timeout_s,
+    )
+    loader.set_peers(client)
+    components += [("membership", membership), ("peers", client)]
+    server = None
+    if listeners:
+        server = PeerServer(loader, listeners, secret=secret, timeout_s=cluster.peer_timeout_s)
+        await nursery.start(server.run)
+        components.append(("peer_server", server))
+        log.info(
+            "serving peers on %s (%s)",
+            ", ".join(f"{host}:{port}" for host, port in server.addresses),
+            "authenticated" if cluster.secret else "loopback, no secret",
+        )
+    return server, client
 
 
 def _mount(fs: Filesystem, config: MountConfig) -> None:
@@ -121,7 +183,7 @@ async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> 
     on_ready()
 
 
-async def _stop_on_signal(fs: Filesystem, grace_s: float) -> None:
+async def _stop_on_signal(fs: Filesystem, grace_s: float, peer_server: PeerServer | None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info(
@@ -129,6 +191,9 @@ async def _stop_on_signal(fs: Filesystem, grace_s: float) -> None:
                 signal.Signals(signum).name,
             )
             with trio.move_on_after(grace_s) as scope:
+                if peer_server is not None:
+                    # No new peer requests from here on; the answers in flight are sent.
+                    await peer_server.drain()
                 await fs.wait_idle()
             if scope.cancelled_caught:
                 log.warning("requests still in flight after %.1fs; unmounting anyway", grace_s)

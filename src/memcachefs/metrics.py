@@ -27,6 +27,23 @@ REQUIRED_KEYS = (
     "evictions",
 )
 
+# Keys a mount with cluster options adds (see peers.py, README "Cluster").
+CLUSTER_KEYS = (
+    "peer_hits",
+    "peer_bytes",
+    "peer_fetches",
+    "peer_errors_timeout",
+    "peer_errors_refused",
+    "peer_errors_closed",
+    "peer_errors_auth",
+    "peer_errors_checksum",
+    "peer_errors_version",
+    "peer_errors_protocol",
+    "blocks_served_to_peers",
+    "deduplicated_fills",
+    "members",
+)
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -81,4 +98,24 @@ def format_report(stats: dict[str, Any]) -> str:
         f"errors      {stats.get('source_errors', 0)} source, "
         f"{stats.get('stale_reads', 0)} stale, {stats.get('internal_errors', 0)} internal",
     ]
+    if "peer_fetches" in stats:
+        lines += _cluster_report(stats)
     return "\n".join(lines)
+
+
+def _cluster_report(stats: dict[str, Any]) -> list[str]:
+    from memcachefs.config import format_size
+
+    errors = ", ".join(
+        f"{stats.get(f'peer_errors_{kind}', 0)} {kind}"
+        for kind in ("timeout", "refused", "closed", "auth", "checksum", "version", "protocol")
+    )
+    return [
+        f"peers       {stats.get('members', 0)} known, {stats.get('peers_down', 0)} down; "
+        f"{stats.get('peer_hits', 0)} hits of {stats['peer_fetches']} asked "
+        f"({format_size(stats.get('peer_bytes', 0))})",
+        f"peer errors {errors}",
+        f"served      {stats.get('blocks_served_to_peers', 0)} blocks "
+        f"({format_size(stats.get('bytes_served_to_peers', 0))}) to peers, "
+        f"{stats.get('peer_auth_failures', 0)} unauthenticated requests refused",
+    ]
