@@ -435,7 +435,10 @@ async def test_stats_xattr_on_the_root_is_json(served: Served) -> None:
 
 async def test_stats_xattr_on_another_inode_is_not_there(served: Served) -> None:
     (served.root / "f").write_bytes(b"x")
-    await expect_errno(pyfuse3.ENOATTR, served.fs.getxattr(await served.inode("f"), STATS_XATTR))
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await served.fs.getxattr(await served.inode("f"), STATS_XATTR)
+    # ENOATTR; EOPNOTSUPP where the test directory's filesystem has no user xattrs.
+    assert caught.value.errno in (pyfuse3.ENOATTR, errno.EOPNOTSUPP)
 
 
 async def test_statfs_reports_the_source(served: Served) -> None:
