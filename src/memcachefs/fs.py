@@ -307,12 +307,7 @@ class Filesystem(pyfuse3.Operations):
             if index == handle.last_index + 1 or index == 0:
                 self._loader.read_ahead(handle.version, index)
             handle.last_index = index
-        while True:
-            block = await self._loader.block(key, wanted_bytes)
-            # A reader that waited on a fill can wake after the block was already
-            # evicted and its buffer reused by another fill: fill it again.
-            if not block.recycled:
-                return block
+        return await self._loader.block(key, wanted_bytes)
 
     @_handler
     async def release(self, fh: int) -> None:

@@ -93,7 +93,7 @@ class Loader:
             return block
         self._misses += 1
         try:
-            return await self._flight.do(key, lambda: self._fill(key))
+            return await self._filled(key, ask_peers=True)
         except ReadError:
             raise
         except OSError as error:
@@ -104,7 +104,15 @@ class Loader:
         block = self.store.get(key)
         if block is not None:
             return block
-        return await self._flight.do(key, lambda: self._fill(key, ask_peers=False))
+        return await self._filled(key, ask_peers=False)
+
+    async def _filled(self, key: BlockKey, *, ask_peers: bool) -> Block:
+        while True:
+            block = await self._flight.do(key, lambda: self._fill(key, ask_peers=ask_peers))
+            # A waiter can wake after the block was already evicted and its
+            # buffer reused by another fill: never hand that out, fill again.
+            if not block.recycled:
+                return block
 
     def read_ahead(self, version: FileVersion, after_index: int) -> None:
         """Start fills for the blocks after `after_index` (sequential reader)."""

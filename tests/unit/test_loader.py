@@ -267,11 +267,6 @@ async def test_fill_for_a_peer_never_asks_peers(fake, fake_peers_cls, files) -> 
     assert fake.reads == [key]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="loader.py bug: a reader waiting on a fill can get a block that was evicted "
-    "and whose buffer another fill reused before the reader woke (fs.py re-fills it)",
-)
 async def test_block_never_returns_a_recycled_block_under_pressure(fake, files) -> None:
     store = BlockStore(2 * BS, BS)
     version = fake.version(b"big")
