@@ -1,0 +1,358 @@
+"""Peer server and client in one process over loopback: auth, paths, integrity, faults."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+import xxhash
+
+from memcachefs import protocol
+from memcachefs.blockstore import BlockStore
+from memcachefs.config import ClusterConfig
+from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.loader import Loader
+from memcachefs.membership import Membership
+from memcachefs.peers import PeerClient, PeerServer
+from memcachefs.protocol import RESPONSE_HEADER_BYTES, Request
+from memcachefs.source import Source, version_of
+from memcachefs.testing.faultproxy import FaultProxy
+
+BS = 64 * 1024
+SECRET = b"s3cret"
+
+
+@dataclass
+class Served:
+    server: PeerServer
+    loader: Loader
+    source: Source
+    port: int
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_bytes(b"top secret " * 10_000)
+    root = tmp_path / "source"
+    (root / "dir").mkdir(parents=True)
+    (root / "model.bin").write_bytes(random.Random(1).randbytes(5 * BS + 100))
+    (root / "dir" / "a.bin").write_bytes(b"a" * BS)
+    (root / "escape").symlink_to(outside / "secret.txt")
+    (root / "linkdir").symlink_to(outside)
+    return root
+
+
+@asynccontextmanager
+async def serving(root: Path, secret: bytes = SECRET) -> AsyncIterator[Served]:
+    with Source(root, block_threads=2, metadata_threads=2) as source:
+        async with trio.open_nursery() as nursery:
+            loader = Loader(BlockStore(64 * BS, BS), source, nursery, read_ahead_blocks=0)
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            server = PeerServer(loader, listeners, secret=secret, timeout_s=5)
+            await nursery.start(server.run)
+            yield Served(server, loader, source, server.addresses[0][1])
+            nursery.cancel_scope.cancel()
+
+
+def version(root: Path, relpath: bytes) -> FileVersion:
+    return version_of(relpath, os.lstat(root / os.fsdecode(relpath)))
+
+
+def request(key: BlockKey, *, secret: bytes = SECRET, **changes: object) -> bytes:
+    fields: dict[str, object] = {
+        "key": key,
+        "block_size": BS,
+        "memory_only": False,
+        "timestamp_ns": time.time_ns(),
+        "nonce": os.urandom(16),
+    }
+    fields.update(changes)
+    return protocol.encode_request(Request(**fields), secret)  # type: ignore[arg-type]
+
+
+async def receive_exactly(stream: trio.SocketStream, count: int) -> bytes:
+    data = b""
+    while len(data) < count:
+        chunk = await stream.receive_some(count - len(data))
+        assert chunk, "connection closed mid-answer"
+        data += chunk
+    return data
+
+
+async def answer(stream: trio.SocketStream) -> tuple[protocol.ResponseHeader, bytes, bytes]:
+    head = await receive_exactly(stream, RESPONSE_HEADER_BYTES)
+    response = protocol.parse_response_header(head, max_payload=BS)
+    path = await receive_exactly(stream, response.path_len)
+    return response, path, await receive_exactly(stream, response.payload_len)
+
+
+async def ask(port: int, wire: bytes) -> tuple[protocol.ResponseHeader, bytes, bytes]:
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(wire)
+        return await answer(stream)
+
+
+async def closed_without_a_word(port: int, wire: bytes) -> bool:
+    """Send `wire`; True if the server closes the connection having sent nothing."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(wire)
+        with trio.fail_after(5):
+            try:
+                return await stream.receive_some(1 << 16) == b""
+            except trio.BrokenResourceError:
+                return True
+
+
+# -- server ------------------------------------------------------------------------
+
+
+async def test_server_answers_from_its_source_and_then_from_memory(root: Path) -> None:
+    async with serving(root) as served:
+        key = BlockKey(version(root, b"model.bin"), 5)
+        data = (root / "model.bin").read_bytes()
+        async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
+            for _ in range(2):  # keep-alive: two exchanges on one connection
+                await stream.send_all(request(key))
+                response, path, payload = await answer(stream)
+                assert response.status == protocol.HIT
+                assert path == b"model.bin"
+                assert payload == data[5 * BS :] and len(payload) == 100
+                assert response.checksum == xxhash.xxh3_64_intdigest(payload)
+        stats = served.server.statistics()
+        assert stats.blocks_served_to_peers == 2
+        assert served.loader.statistics().source_bytes == 100  # filled once, then memory
+
+
+async def test_memory_only_requests_never_fill(root: Path) -> None:
+    async with serving(root) as served:
+        key = BlockKey(version(root, b"model.bin"), 0)
+        response, _, payload = await ask(served.port, request(key, memory_only=True))
+        assert (response.status, payload) == (protocol.MISS, b"")
+        assert served.loader.statistics().source_bytes == 0
+        await served.loader.block(key, BS)
+        response, _, payload = await ask(served.port, request(key, memory_only=True))
+        assert response.status == protocol.HIT and len(payload) == BS
+
+
+async def test_another_version_is_a_miss_and_a_bad_block_size_an_error(root: Path) -> None:
+    async with serving(root) as served:
+        current = version(root, b"model.bin")
+        older = FileVersion(current.relpath, current.size, current.mtime_ns - 1)
+        response, _, payload = await ask(served.port, request(BlockKey(older, 0)))
+        assert (response.status, payload) == (protocol.MISS, b"")
+        wire = request(BlockKey(current, 0), block_size=2 * BS)
+        assert (await ask(served.port, wire))[0].status == protocol.ERROR
+        beyond = BlockKey(current, 6)
+        assert (await ask(served.port, request(beyond)))[0].status == protocol.ERROR
+
+
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        b"../outside/secret.txt",
+        b"dir/../../outside/secret.txt",
+        b"/etc/passwd",
+        b"model.bin\0",
+        b"x" * 256,
+        b"dir/" + b"y" * 300,
+        b"./model.bin",
+        b"dir//a.bin",
+        b"escape",  # a symlink to a file outside the root
+        b"linkdir/secret.txt",  # through a symlink to a directory outside
+        b"",
+        b"dir",
+    ],
+)
+async def test_paths_outside_the_root_are_refused(root: Path, relpath: bytes) -> None:
+    secret_size = (root.parent / "outside" / "secret.txt").stat().st_size
+    async with serving(root) as served:
+        key = BlockKey(FileVersion(relpath, secret_size, 1), 0)
+        response, _, payload = await ask(served.port, request(key))
+        assert response.status != protocol.HIT
+        assert payload == b""
+        assert served.server.statistics().blocks_served_to_peers == 0
+        assert served.loader.statistics().source_bytes == 0
+
+
+async def test_wrong_secret_gets_nothing(root: Path) -> None:
+    async with serving(root) as served:
+        key = BlockKey(version(root, b"model.bin"), 0)
+        assert await closed_without_a_word(served.port, request(key, secret=b"wrong"))
+        assert await closed_without_a_word(served.port, request(key, secret=b""))
+        stats = served.server.statistics()
+        assert stats.peer_auth_failures == 2
+        assert stats.peer_requests_served == 0
+        assert served.loader.statistics().source_bytes == 0
+
+
+async def test_a_replayed_request_gets_nothing(root: Path) -> None:
+    async with serving(root) as served:
+        wire = request(BlockKey(version(root, b"model.bin"), 0))
+        assert (await ask(served.port, wire))[0].status == protocol.HIT
+        assert await closed_without_a_word(served.port, wire)
+        assert served.server.statistics().peer_auth_failures == 1
+
+
+async def test_stale_and_future_timestamps_get_nothing(root: Path) -> None:
+    async with serving(root) as served:
+        key = BlockKey(version(root, b"model.bin"), 0)
+        for skew_s in (-120, 120):
+            wire = request(key, timestamp_ns=time.time_ns() + skew_s * 10**9)
+            assert await closed_without_a_word(served.port, wire)
+        assert served.server.statistics().peer_auth_failures == 2
+
+
+async def test_garbage_and_absurd_lengths_get_nothing(root: Path) -> None:
+    async with serving(root) as served:
+        assert await closed_without_a_word(served.port, os.urandom(protocol.REQUEST_HEADER_BYTES))
+        assert await closed_without_a_word(
+            served.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 40
+        )
+        # A header announcing a 64 KiB path: refused at once, the path is never awaited.
+        wire = bytearray(request(BlockKey(version(root, b"model.bin"), 0)))
+        wire[6:8] = (0xFFFF).to_bytes(2, "big")
+        assert await closed_without_a_word(
+            served.port, bytes(wire[: protocol.REQUEST_HEADER_BYTES])
+        )
+        assert served.server.statistics().peer_protocol_errors == 3
+
+
+async def test_drain_finishes_answers_and_takes_no_more(root: Path) -> None:
+    async with serving(root) as served:
+        key = BlockKey(version(root, b"model.bin"), 1)
+        async with await trio.open_tcp_stream("127.0.0.1", served.port) as idle_connection:
+            await served.server.drain()
+            assert await idle_connection.receive_some(10) == b""  # idle: closed
+        with pytest.raises(OSError):
+            await ask(served.port, request(key))
+
+
+# -- client ------------------------------------------------------------------------
+
+
+async def client_for(
+    addresses: list[str], *, listen: tuple[str, int] | None = None, timeout_s: float = 5.0
+) -> PeerClient:
+    peers = tuple((a.split(":")[0], int(a.split(":")[1])) for a in addresses)
+    membership = Membership(ClusterConfig(listen=listen, peers=peers, secret=SECRET))
+    await membership.refresh()
+    return PeerClient(membership, block_size=BS, secret=SECRET, timeout_s=timeout_s)
+
+
+async def test_client_reads_a_file_from_a_peer_without_touching_its_source(
+    root: Path, tmp_path: Path
+) -> None:
+    empty = tmp_path / "empty"  # the client's own source has nothing: every byte is the peer's
+    empty.mkdir()
+    async with serving(root) as served:
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        file_version = version(root, b"model.bin")
+        with Source(empty, block_threads=2, metadata_threads=2) as own_source:
+            async with trio.open_nursery() as nursery:
+                loader = Loader(
+                    BlockStore(16 * BS, BS), own_source, nursery, read_ahead_blocks=0, peers=client
+                )
+                data = b"".join(
+                    [
+                        bytes((await loader.block(BlockKey(file_version, i), BS)).view)
+                        for i in range(6)
+                    ]
+                )
+                nursery.cancel_scope.cancel()
+        assert data == (root / "model.bin").read_bytes()
+        stats = loader.statistics()
+        assert (stats.source_bytes, stats.peer_bytes, stats.peer_hits) == (0, len(data), 6)
+        assert client.statistics().peer_connections_opened == 1  # one kept-alive connection
+        client.close()
+
+
+async def test_owner_self_asks_the_second_ranked_peer_from_memory_only(root: Path) -> None:
+    async with serving(root) as served:
+        client = await client_for([f"127.0.0.1:{served.port}"], listen=("127.0.0.1", 1))
+        file_version = version(root, b"model.bin")
+        keys = [BlockKey(file_version, i) for i in range(6)]
+        choices = [client.choose(key) for key in keys]
+        assert all(choice is not None for choice in choices)
+        memory_only = [key for key, c in zip(keys, choices, strict=True) if c and c[1]]
+        assert memory_only, "with two members this instance owns some of six blocks"
+        buffer = memoryview(bytearray(BS))
+        assert await client.fetch_into(memory_only[0], buffer) is None  # cold peer: a miss
+        await served.loader.block(memory_only[0], BS)
+        assert await client.fetch_into(memory_only[0], buffer) is not None
+        assert served.loader.statistics().source_bytes == BS  # only our own fill above
+        client.close()
+
+
+async def test_a_refused_peer_is_marked_down_and_not_retried_at_once() -> None:
+    with trio.socket.socket() as probe:  # a port nobody listens on
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    client = await client_for([f"127.0.0.1:{port}"])
+    key = BlockKey(FileVersion(b"f", BS, 1), 0)
+    buffer = memoryview(bytearray(BS))
+    assert await client.fetch_into(key, buffer) is None
+    assert await client.fetch_into(key, buffer) is None  # down: not asked again
+    stats = client.statistics()
+    assert (stats.peer_errors_refused, stats.peer_fetches, stats.peers_down) == (1, 1, 1)
+
+
+async def test_a_wrong_secret_is_counted_as_auth(root: Path) -> None:
+    async with serving(root, secret=b"another") as served:
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        key = BlockKey(version(root, b"model.bin"), 0)
+        assert await client.fetch_into(key, memoryview(bytearray(BS))) is None
+        assert client.statistics().peer_errors_auth == 1
+        assert served.server.statistics().peer_auth_failures == 1
+
+
+@pytest.mark.parametrize(
+    ("mode", "kind"),
+    [
+        ("flip", "peer_errors_checksum"),
+        ("version", "peer_errors_version"),
+        ("drop", "peer_errors_closed"),
+        ("stall", "peer_errors_timeout"),
+        ("refuse", "peer_errors_closed"),
+    ],
+)
+async def test_faulty_answers_are_discarded_and_counted(root: Path, mode: str, kind: str) -> None:
+    async with serving(root) as served, trio.open_nursery() as nursery:
+        proxy = FaultProxy(("127.0.0.1", served.port), mode=mode)
+        await nursery.start(proxy.run)
+        client = await client_for([f"127.0.0.1:{proxy.port}"], timeout_s=0.5)
+        key = BlockKey(version(root, b"model.bin"), 2)
+        buffer = memoryview(bytearray(BS))
+        assert await client.fetch_into(key, buffer) is None
+        stats = client.statistics()
+        assert getattr(stats, kind) == 1, stats
+        assert stats.peers_down == 1
+        assert proxy.faults >= 1
+        client.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_is_asked_again_after_its_backoff(root: Path) -> None:
+    async with serving(root) as served, trio.open_nursery() as nursery:
+        proxy = FaultProxy(("127.0.0.1", served.port), mode="refuse")
+        await nursery.start(proxy.run)
+        client = await client_for([f"127.0.0.1:{proxy.port}"])
+        key = BlockKey(version(root, b"model.bin"), 1)
+        buffer = memoryview(bytearray(BS))
+        assert await client.fetch_into(key, buffer) is None
+        proxy.mode = "pass"
+        with trio.fail_after(10):  # the backoff starts at 0.5 s
+            while await client.fetch_into(key, buffer) is None:  # noqa: ASYNC110
+                await trio.sleep(0.05)
+        assert bytes(buffer) == (root / "model.bin").read_bytes()[BS : 2 * BS]
+        assert client.statistics().peers_down == 0
+        client.close()
+        nursery.cancel_scope.cancel()
