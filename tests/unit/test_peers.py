@@ -46,6 +46,7 @@ def root(tmp_path: Path) -> Path:
     (root / "dir").mkdir(parents=True)
     (root / "model.bin").write_bytes(random.Random(1).randbytes(5 * BS + 100))
     (root / "dir" / "a.bin").write_bytes(b"a" * BS)
+    (root / "many.bin").write_bytes(random.Random(2).randbytes(40 * BS))
     (root / "escape").symlink_to(outside / "secret.txt")
     (root / "linkdir").symlink_to(outside)
     return root
@@ -278,12 +279,12 @@ async def test_client_reads_a_file_from_a_peer_without_touching_its_source(
 async def test_owner_self_asks_the_second_ranked_peer_from_memory_only(root: Path) -> None:
     async with serving(root) as served:
         client = await client_for([f"127.0.0.1:{served.port}"], listen=("127.0.0.1", 1))
-        file_version = version(root, b"model.bin")
-        keys = [BlockKey(file_version, i) for i in range(6)]
+        file_version = version(root, b"many.bin")
+        keys = [BlockKey(file_version, i) for i in range(40)]
         choices = [client.choose(key) for key in keys]
         assert all(choice is not None for choice in choices)
         memory_only = [key for key, c in zip(keys, choices, strict=True) if c and c[1]]
-        assert memory_only, "with two members this instance owns some of six blocks"
+        assert memory_only, "with two members this instance owns some of 40 blocks"
         buffer = memoryview(bytearray(BS))
         assert await client.fetch_into(memory_only[0], buffer) is None  # cold peer: a miss
         await served.loader.block(memory_only[0], BS)
