@@ -6,7 +6,8 @@ Scenarios (same file, same run; medians of --repeat repetitions):
   reference          benchmarks/reference_fs.py serving the file from one buffer,
                      cold kernel page cache: the pyfuse3 FUSE transport ceiling
   memcachefs_cached  memcachefs with every block in memory, cold kernel page cache
-  memcachefs_repeat  memcachefs, file already in the kernel page cache
+  memcachefs_repeat  memcachefs, the read right after the cached read: page cache
+  memcachefs_repeat_steady  the read after that one (page cache, pages already active)
   source_raw         plain read of the source file (cold page cache where possible)
   memcachefs_cold    a fresh memcachefs daemon reading the source file once
 
@@ -45,6 +46,7 @@ DESCRIPTIONS = {
     "reference": "reference FUSE fs (one in-memory buffer), cold page cache",
     "memcachefs_cached": "memcachefs, all blocks in memory, cold page cache",
     "memcachefs_repeat": "memcachefs, repeat read from the kernel page cache",
+    "memcachefs_repeat_steady": "memcachefs, a further repeat read (page cache)",
     "source_raw": "raw read of the source file",
     "memcachefs_cold": "memcachefs, fresh daemon, every block from the source",
 }
@@ -219,6 +221,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 pid=cached.pid,
                 served_by=cached.path,
             )
+            measure(
+                scenarios["memcachefs_repeat_steady"],
+                mcfs_file,
+                args.buffer,
+                pid=cached.pid,
+                served_by=cached.path,
+            )
             measure(scenarios["source_raw"], source_file, args.buffer, before=drop(source_file))
             mp = work / f"mcfs-cold-{rep}"
             mp.mkdir(exist_ok=True)
@@ -326,6 +335,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def chart(result: dict[str, Any], path: Path) -> None:
+    """Median GB/s per scenario with min-max whiskers, as a PNG."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        common.eprint("warning: no matplotlib (pip install -e '.[bench]'); no chart written")
+        return
+    names = ORDER[::-1]
+    data = [result["scenarios"][name] for name in names]
+    medians = [s["median_gbps"] for s in data]
+    errors = [
+        [m - s["min_gbps"] for m, s in zip(medians, data, strict=True)],
+        [s["max_gbps"] - m for m, s in zip(medians, data, strict=True)],
+    ]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    colors = ["tab:blue" if n.startswith("memcachefs") else "tab:gray" for n in names]
+    ax.barh(names, medians, xerr=errors, color=colors, capsize=3)
+    for y, m in enumerate(medians):
+        ax.text(m, y, f" {m:.2f}", va="center", fontsize=8)
+    ax.set_xlim(0, max(s["max_gbps"] for s in data) * 1.12)
+    ax.set_xlabel("GB/s (median, whiskers min-max)")
+    ax.set_title(
+        f"memcachefs core read throughput, {result['size_bytes'] / MiB:.0f} MiB file, "
+        f"{result['repeat']} repetitions"
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description="memcachefs core throughput vs tmpfs and a reference FUSE fs"
@@ -343,6 +386,7 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, help="write every sample here")
     parser.add_argument("--markdown", action="store_true", help="print the README results text")
+    parser.add_argument("--png", type=Path, help="write a chart (needs the 'bench' extra)")
     parser.add_argument("--keep", action="store_true", help="keep a generated source file")
     parser.add_argument("--smoke", action="store_true", help="32 MiB, 1 repetition, no drop_caches")
     args = parser.parse_args()
@@ -356,6 +400,8 @@ def main() -> int:
         result = run(args)
     if args.json:
         common.write_json(args.json, result)
+    if args.png:
+        chart(result, args.png)
     print(markdown(result))
     return 0
 

@@ -26,6 +26,7 @@ CORE_SCENARIOS = {
     "reference",
     "memcachefs_cached",
     "memcachefs_repeat",
+    "memcachefs_repeat_steady",
     "source_raw",
     "memcachefs_cold",
 }
