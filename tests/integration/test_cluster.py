@@ -1,0 +1,187 @@
+"""Issue 3: real daemons on loopback share their memory; peer faults stay invisible."""
+
+from __future__ import annotations
+
+import random
+import signal
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import drop_page_cache, in_thread, run_cli
+
+from memcachefs import mounts
+from memcachefs.metrics import CLUSTER_KEYS
+from memcachefs.testing import MountedFS
+from memcachefs.testing.faultproxy import BackgroundFaultProxy
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1 << 20
+SIZE = 12 * MiB + 12345  # 4 blocks of 4M, the last one short
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def addr(port: int) -> str:
+    return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def source(memcachefs_source: Path) -> Path:
+    (memcachefs_source / "model.bin").write_bytes(random.Random(7).randbytes(SIZE))
+    return memcachefs_source
+
+
+def warm_instance(memcachefs_mount, source: Path) -> tuple[MountedFS, int]:
+    """An instance alone in its cluster that has read model.bin (all from the source)."""
+    port = free_port()
+    warm = memcachefs_mount(source, capacity="64M", args=["--listen", addr(port)])
+    assert (warm.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    assert warm.stats()["source_bytes"] == SIZE
+    return warm, port
+
+
+def test_a_new_instance_reads_from_its_warm_peer(source: Path, memcachefs_mount) -> None:
+    warm, port = warm_instance(memcachefs_mount, source)
+    new = memcachefs_mount(
+        source, capacity="64M", args=["--listen", addr(free_port()), "--peer", addr(port)]
+    )
+    assert (new.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    stats = new.stats()
+    assert set(CLUSTER_KEYS) <= stats.keys()
+    assert stats["source_bytes"] == 0
+    assert stats["peer_bytes"] == SIZE
+    assert stats["peer_hits"] == 4
+    assert warm.stats()["blocks_served_to_peers"] == 4
+    report = run_cli("stats", new.path)
+    assert report.returncode == 0
+    assert "from peers" in report.stdout and "peer errors" in report.stdout
+
+
+def test_two_cold_instances_read_each_block_from_the_source_once(
+    source: Path, memcachefs_mount
+) -> None:
+    port_a, port_b = free_port(), free_port()
+    a = memcachefs_mount(
+        source, capacity="64M", args=["--listen", addr(port_a), "--peer", addr(port_b)]
+    )
+    b = memcachefs_mount(
+        source, capacity="64M", args=["--listen", addr(port_b), "--peer", addr(port_a)]
+    )
+    expected = (source / "model.bin").read_bytes()
+    with in_thread((a.path / "model.bin").read_bytes) as from_a:
+        from_b = (b.path / "model.bin").read_bytes()
+        assert from_a() == expected
+    assert from_b == expected
+    stats_a, stats_b = a.stats(), b.stats()
+    assert stats_a["source_bytes"] + stats_b["source_bytes"] == SIZE
+    assert stats_a["peer_bytes"] + stats_b["peer_bytes"] == SIZE
+
+
+@pytest.mark.parametrize(
+    ("mode", "counters"),
+    [
+        ("flip", ["peer_errors_checksum"]),
+        ("drop", ["peer_errors_closed"]),
+        ("stall", ["peer_errors_timeout"]),
+        ("version", ["peer_errors_version"]),
+        # A reset that lands before connect() returns fails the connect itself.
+        ("refuse", ["peer_errors_closed", "peer_errors_refused"]),
+    ],
+)
+def test_peer_faults_are_invisible_to_readers(
+    source: Path, memcachefs_mount, mode: str, counters: list[str]
+) -> None:
+    _warm, port = warm_instance(memcachefs_mount, source)
+    with BackgroundFaultProxy(("127.0.0.1", port), mode=mode) as proxy:
+        reader = memcachefs_mount(
+            source,
+            capacity="64M",
+            args=["--peer", proxy.address, "--peer-timeout", "1"],
+        )
+        assert (reader.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+        stats = reader.stats()
+        assert proxy.proxy.faults >= 1
+        errors = sum(stats[counter] for counter in counters)
+        assert errors >= 1, {k: v for k, v in stats.items() if k.startswith("peer")}
+        assert stats["peer_bytes"] < SIZE  # what the faulty peer sent was not kept
+        assert stats["source_bytes"] + stats["peer_bytes"] == SIZE
+
+
+def test_a_dead_peer_is_refused_and_the_source_serves(source: Path, memcachefs_mount) -> None:
+    reader = memcachefs_mount(source, capacity="64M", args=["--peer", addr(free_port())])
+    assert (reader.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    stats = reader.stats()
+    # Only the fills started before the first refusal ask it (a reader and its
+    # readahead); then it is down: no retry storm.
+    assert 1 <= stats["peer_errors_refused"] == stats["peer_fetches"] <= 5
+    assert stats["peers_down"] == 1
+    assert stats["source_bytes"] == SIZE
+
+
+def test_a_wrong_secret_gets_nothing(source: Path, tmp_path: Path, memcachefs_mount) -> None:
+    secrets = []
+    for name in ("one", "two"):
+        path = tmp_path / f"secret-{name}"
+        path.write_text(f"secret {name}\n")
+        path.chmod(0o600)
+        secrets.append(str(path))
+    port = free_port()
+    warm = memcachefs_mount(
+        source, capacity="64M", args=["--listen", addr(port), "--cluster-secret-file", secrets[0]]
+    )
+    assert (warm.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    other = memcachefs_mount(
+        source, capacity="64M", args=["--peer", addr(port), "--cluster-secret-file", secrets[1]]
+    )
+    assert (other.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+    assert other.stats()["peer_errors_auth"] >= 1
+    assert other.stats()["source_bytes"] == SIZE
+    served = warm.stats()
+    assert served["peer_auth_failures"] >= 1
+    assert served["blocks_served_to_peers"] == 0
+
+
+def test_an_instance_stopped_with_sigterm_leaves_its_peers_reading(
+    source: Path, memcachefs_mount
+) -> None:
+    warm, port = warm_instance(memcachefs_mount, source)
+    # The reader's cache is smaller than the file: it keeps asking its peer.
+    reader = memcachefs_mount(
+        source, capacity="8M", args=["--peer", addr(port), "--read-ahead", "0"]
+    )
+    expected = (source / "model.bin").read_bytes()
+    first_pass = threading.Event()
+    stopped = threading.Event()
+
+    def read_until_after_stop() -> int:
+        passes = 0
+        while passes < 2 or not stopped.is_set():
+            drop_page_cache(reader.path / "model.bin")
+            assert (reader.path / "model.bin").read_bytes() == expected
+            passes += 1
+            first_pass.set()
+            if passes > 200:
+                break
+        # Two more passes with the peer gone.
+        for _ in range(2):
+            drop_page_cache(reader.path / "model.bin")
+            assert (reader.path / "model.bin").read_bytes() == expected
+        return passes
+
+    with in_thread(read_until_after_stop) as result:
+        assert first_pass.wait(30)
+        warm.signal(signal.SIGTERM)
+        assert warm.wait(30) == 0
+        stopped.set()
+        assert result(60) >= 1
+    assert not mounts.find_mount(warm.path)
+    stats = reader.stats()
+    assert stats["peer_bytes"] > 0
+    assert stats["internal_errors"] == 0
