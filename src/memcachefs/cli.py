@@ -356,11 +356,11 @@ def _spawn_background(args: argparse.Namespace, config: MountConfig) -> int:
     process, outcome = spawn_daemon(_child_argv(args), log_path)
     if outcome != "ok":
         print(f"memcachefs: {outcome.removeprefix('error: ')} (log: {log_path})", file=sys.stderr)
-        return (
-            EXIT_USAGE
-            if process.poll() is not None and process.returncode == EXIT_USAGE
-            else EXIT_FAILURE
-        )
+        try:  # the daemon reported its error before exiting: wait for its status
+            status = process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            status = None
+        return EXIT_USAGE if status == EXIT_USAGE else EXIT_FAILURE
     print(
         f"memcachefs: mounted {config.source} at {config.mountpoint} "
         f"({format_size(config.cache.capacity_bytes)} cache, pid {process.pid}, log {log_path})"
