@@ -1,0 +1,88 @@
+"""Membership: static list, DNS re-resolution, the peers file, recognising ourselves."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from memcachefs.config import ClusterConfig
+from memcachefs.errors import ConfigError
+from memcachefs.membership import Membership, member_id, read_peers_file
+
+
+class FakeDNS:
+    def __init__(self) -> None:
+        self.answers: dict[str, list[str] | OSError] = {}
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        answer = self.answers.get(host, [host])
+        if isinstance(answer, OSError):
+            raise answer
+        return [member_id(ip, port) for ip in answer]
+
+
+async def test_static_peers_and_self_by_listen_address() -> None:
+    config = ClusterConfig(
+        listen=("127.0.0.1", 7001), peers=(("127.0.0.1", 7001), ("127.0.0.2", 7002))
+    )
+    membership = Membership(config, resolver=FakeDNS())
+    await membership.refresh()
+    assert membership.self_id == "127.0.0.1:7001"
+    assert membership.peers == {"127.0.0.2:7002"}
+
+
+async def test_wildcard_listener_recognises_a_local_address() -> None:
+    dns = FakeDNS()
+    dns.answers["svc"] = ["127.0.0.1", "192.0.2.10"]  # 192.0.2.0/24 is never local
+    config = ClusterConfig(listen=("0.0.0.0", 7000), peers_dns=("svc", 7000), secret=b"s")
+    membership = Membership(config, resolver=dns)
+    await membership.refresh()
+    assert membership.self_id == "127.0.0.1:7000"
+    assert membership.peers == {"192.0.2.10:7000"}
+
+
+async def test_dns_answers_are_followed_and_failures_keep_the_last_answer() -> None:
+    dns = FakeDNS()
+    dns.answers["svc"] = ["192.0.2.1", "192.0.2.2"]
+    membership = Membership(ClusterConfig(peers_dns=("svc", 7000)), resolver=dns)
+    await membership.refresh()
+    assert membership.peers == {"192.0.2.1:7000", "192.0.2.2:7000"}
+    version = membership.version
+    dns.answers["svc"] = ["192.0.2.2", "192.0.2.3"]  # scale-out and scale-in
+    await membership.refresh()
+    assert membership.peers == {"192.0.2.2:7000", "192.0.2.3:7000"}
+    assert membership.version == version + 1
+    dns.answers["svc"] = OSError("temporary failure")
+    await membership.refresh()
+    assert membership.peers == {"192.0.2.2:7000", "192.0.2.3:7000"}
+    assert membership.statistics().membership_errors == 1
+
+
+async def test_peers_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    path = tmp_path / "peers"
+    path.write_text("# the cluster\n127.0.0.2:7000\n\n127.0.0.3:7000  # another\n")
+    membership = Membership(ClusterConfig(peers_file=path), resolver=FakeDNS())
+    await membership.refresh(names=False)
+    assert membership.peers == {"127.0.0.2:7000", "127.0.0.3:7000"}
+    path.write_text("127.0.0.4:7000\n")
+    os.utime(path, ns=(1, 10**18))  # a distinct mtime, however fast the test runs
+    await membership.refresh(names=False)
+    assert membership.peers == {"127.0.0.4:7000"}
+
+
+def test_bad_peers_file_line_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "peers"
+    path.write_text("127.0.0.2:7000\nnot an address\n")
+    with pytest.raises(ConfigError, match=":2:"):
+        read_peers_file(path)
+
+
+def test_non_loopback_listener_needs_a_secret() -> None:
+    with pytest.raises(ValueError, match="cluster-secret-file"):
+        ClusterConfig(listen=("0.0.0.0", 7000))
+    ClusterConfig(listen=("127.0.0.1", 7000))
+    ClusterConfig(listen=("0.0.0.0", 7000), secret=b"s")
