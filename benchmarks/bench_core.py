@@ -12,7 +12,8 @@ Scenarios (same file, same run; medians of --repeat repetitions):
   memcachefs_cold    a fresh memcachefs daemon reading the source file once
 
     python benchmarks/bench_core.py [--size 1G] [--repeat 5] [--json out.json]
-        [--markdown] [--source DIR [--source-file NAME]] [--smoke]
+        [--markdown] [--png chart.png] [--smoke]
+        [--slow-source RATE | --source DIR [--source-file NAME]]
 
 Goals (issue 2 item 16): cached >= 0.9x reference, repeat >= 0.9x tmpfs,
 cold >= 0.9x raw source. Reported, never asserted: exit 0 unless a step fails.
@@ -21,10 +22,12 @@ cold >= 0.9x raw source. Reported, never asserted: exit 0 unless a step fails.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -106,12 +109,14 @@ def measure(
     before: Callable[[], None] | None = None,
     pid: int | None = None,
     served_by: Path | None = None,
+    tx: Callable[[], int | None] | None = None,
 ) -> None:
     """One repetition: prepare, read timed, record the daemon's CPU and bytes served."""
     if before:
         before()
     cpu0 = common.cpu_seconds(pid) if pid else 0.0
     served0 = daemon_bytes(served_by) if served_by else (0, 0)
+    tx0 = tx() if tx else None
     result = common.timed_read(path, buffer_size)
     if pid:
         scenario.daemon_cpu_s.append(common.cpu_seconds(pid) - cpu0)
@@ -122,6 +127,8 @@ def measure(
         memory, source = daemon_bytes(served_by)
         scenario.daemon_memory_bytes.append(memory - served0[0])
         scenario.daemon_source_bytes.append(source - served0[1])
+    if tx0 is not None and tx is not None:
+        scenario.source_tx_bytes.append((tx() or 0) - tx0)
     scenario.add(result)
     common.eprint(f"  {scenario.name:<18} {result.gbps:7.3f} GB/s  ({result.seconds:.3f} s)")
 
@@ -138,6 +145,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     reference: subprocess.Popen[bytes] | None = None
     ref_mp = work / "reference"
     created_source_file: Path | None = None
+    slow: Any = None
+    exits = contextlib.ExitStack()
     try:
         # -- the data: one file in tmpfs, the same bytes in the source ------------
         if args.source:
@@ -157,6 +166,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 created_source_file = source_file
                 shutil.copyfile(source_file, shm / source_file.name)
                 notes.append(f"source {source_dir}: wrote {source_file.name} there")
+        elif args.slow_source:
+            from slowsource import SlowSource
+
+            local = work / "source"
+            local.mkdir(exist_ok=True)
+            created_source_file = common.write_test_file(local / args.source_file, size)
+            shutil.copyfile(created_source_file, shm / args.source_file)
+            slow = exits.enter_context(SlowSource([created_source_file], rate=args.slow_source))
+            source_dir = slow.mountpoint
+            source_file = slow.path(args.source_file)
+            notes.append(
+                f"source: S3 (s3rver) in a network namespace capped at {args.slow_source} "
+                f"(tc tbf), mounted by s3fs ro,direct_io at {source_dir} (benchmarks/slowsource.py)"
+            )
         else:
             source_dir = work / "source"
             source_dir.mkdir(exist_ok=True)
@@ -170,7 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     if global_drop
                     else "read from the page cache (no root/smoke: not dropped)"
                 )
-                + ", not a rate-capped remote source; pass --source for that"
+                + ", not a rate-capped remote source; see --slow-source"
             )
         tmpfs_file = shm / source_file.name
         if not tmpfs_file.exists():
@@ -178,11 +201,48 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         os.sync()
         common.eprint(f"file: {source_file.name}, {size} bytes; work dir {work}")
 
-        # -- daemons ---------------------------------------------------------------
-        reference = start_reference(ref_mp, tmpfs_file, args.read_ahead_kb, work / "reference.log")
-        ref_file = ref_mp / source_file.name
         capacity = common.format_size(max(size + size // 4, 64 * MiB) // MiB * MiB)
         mount_args = ["--kernel-read-ahead", f"{args.read_ahead_kb}K", *args.memcachefs_arg]
+
+        def drop(path: Path) -> Callable[[], None]:
+            return lambda: common.drop_page_cache(path, global_drop=global_drop)
+
+        # -- phase 1: reads that need a cold source. Nothing else may hold the source
+        # file open meanwhile (s3fs keeps a file's data while any descriptor is open).
+        for rep in range(args.repeat):
+            common.eprint(f"cold {rep + 1}/{args.repeat} (load {common.load_average()})")
+            measure(
+                scenarios["source_raw"],
+                source_file,
+                args.buffer,
+                before=drop(source_file),
+                tx=slow.tx_bytes if slow else None,
+            )
+            mp = work / f"mcfs-cold-{rep}"
+            mp.mkdir(exist_ok=True)
+            common.drop_page_cache(source_file, global_drop=global_drop)
+            cold = mount(source_dir, mp, capacity=capacity, args=mount_args)
+            mounts.append(cold)
+            try:
+                measure(
+                    scenarios["memcachefs_cold"],
+                    mp / source_file.name,
+                    args.buffer,
+                    pid=cold.pid,
+                    served_by=cold.path,
+                    tx=slow.tx_bytes if slow else None,
+                )
+            finally:
+                problems = cold.problems()
+                cold.unmount()
+                mounts.remove(cold)
+                mp.rmdir()
+            if problems:
+                notes.append(f"memcachefs_cold daemon log: {problems[:3]}")
+
+        # -- phase 2: memory and page-cache reads, scenarios interleaved per repetition
+        reference = start_reference(ref_mp, tmpfs_file, args.read_ahead_kb, work / "reference.log")
+        ref_file = ref_mp / source_file.name
         (work / "mcfs").mkdir(exist_ok=True)
         cached = mount(source_dir, work / "mcfs", capacity=capacity, args=mount_args)
         mounts.append(cached)
@@ -191,13 +251,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         common.eprint(f"memcachefs warm-up read: {warm.gbps:.3f} GB/s")
         if cached.stats()["used_bytes"] < size:
             notes.append("warning: the warm-up did not leave the whole file in memory")
-
-        def drop(path: Path) -> Callable[[], None]:
-            return lambda: common.drop_page_cache(path, global_drop=global_drop)
-
-        # -- repetitions, scenarios interleaved so drift hits all alike -------------
         for rep in range(args.repeat):
-            common.eprint(f"repetition {rep + 1}/{args.repeat} (load {common.load_average()})")
+            common.eprint(f"cached {rep + 1}/{args.repeat} (load {common.load_average()})")
             measure(scenarios["tmpfs"], tmpfs_file, args.buffer)
             measure(
                 scenarios["reference"],
@@ -228,27 +283,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 pid=cached.pid,
                 served_by=cached.path,
             )
-            measure(scenarios["source_raw"], source_file, args.buffer, before=drop(source_file))
-            mp = work / f"mcfs-cold-{rep}"
-            mp.mkdir(exist_ok=True)
-            common.drop_page_cache(source_file, global_drop=global_drop)
-            cold = mount(source_dir, mp, capacity=capacity, args=mount_args)
-            mounts.append(cold)
-            try:
-                measure(
-                    scenarios["memcachefs_cold"],
-                    mp / source_file.name,
-                    args.buffer,
-                    pid=cold.pid,
-                    served_by=cold.path,
-                )
-            finally:
-                problems = cold.problems()
-                cold.unmount()
-                mounts.remove(cold)
-                mp.rmdir()
-            if problems:
-                notes.append(f"memcachefs_cold daemon log: {problems[:3]}")
         stats = cached.stats()
         problems = cached.problems()
         if problems:
@@ -259,6 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if reference is not None:
             common.stop_process(reference)
         common.fuse_unmount(ref_mp)
+        exits.close()  # the slow source, if any
         shutil.rmtree(shm, ignore_errors=True)
         if created_source_file is not None and not args.keep:
             created_source_file.unlink(missing_ok=True)
@@ -308,7 +343,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"File: {result['size_bytes'] / GiB:.2f} GiB, read sequentially with "
         f"{result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "
         f"{result['read_ahead_kb']} KiB; {result['repeat']} repetitions per scenario, "
-        "interleaved.",
+        "the two source scenarios first, then the others interleaved.",
         f"Load average (1 min) during the run: {min(load_1m):.2f} to {max(load_1m):.2f} "
         f"(at the end: {', '.join(f'{x:.2f}' for x in result['load_average_end'])}).",
         "",
@@ -330,8 +365,16 @@ def markdown(result: dict[str, Any]) -> str:
     for name, base, target, text in GOALS:
         r = ratio(result, name, base)
         lines.append(f"| {text} | {r:.2f}x | {'yes' if r >= target else 'no'} |")
-    if result["notes"]:
-        lines += ["", *[f"- {note}" for note in result["notes"]]]
+    notes = list(result["notes"])
+    for name in ("source_raw", "memcachefs_cold"):
+        tx = result["scenarios"][name].get("source_tx_bytes")
+        if tx:
+            notes.append(
+                f"{name}: the source sent {statistics.median(tx) / result['size_bytes']:.3f}x "
+                "the file size per read (median; namespace veth tx counter)"
+            )
+    if notes:
+        lines += ["", *[f"- {note}" for note in notes]]
     return "\n".join(lines)
 
 
@@ -378,6 +421,11 @@ def main() -> int:
     parser.add_argument("--buffer", type=common.parse_size, default=MiB, help="read size (1M)")
     parser.add_argument("--read-ahead-kb", type=int, default=1024, help="kernel readahead")
     parser.add_argument("--source", help="a (slow) source directory; default: local disk")
+    parser.add_argument(
+        "--slow-source",
+        metavar="RATE",
+        help="stand up S3 in a netns capped at RATE (e.g. 400mbit) with slowsource.py (root)",
+    )
     parser.add_argument("--source-file", default="bench-data.bin", help="file name in it")
     parser.add_argument("--workdir", default="/var/tmp/memcachefs-bench", help="mounts, logs")
     parser.add_argument("--tmpfs-dir", default="/dev/shm", help="where the tmpfs copy goes")

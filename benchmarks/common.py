@@ -225,6 +225,7 @@ class Scenario:
     # from the daemon's stats, per repetition: bytes it handed out from memory / read
     daemon_memory_bytes: list[int] = field(default_factory=list)
     daemon_source_bytes: list[int] = field(default_factory=list)
+    source_tx_bytes: list[int] = field(default_factory=list)  # slow source: bytes it sent
     load_average: list[list[float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
