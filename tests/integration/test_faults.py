@@ -1,0 +1,163 @@
+"""Issue 2, item 10: a source read error is EIO for that reader only; a stalled source
+does not block reads of cached data; an unexpected exception in a handler is EIO plus
+one log line, and the mount lives on.
+
+The faulty source is memcachefs.testing.faultfs (reads of `*.eio*` fail, everything
+waits while a stall file exists); the unexpected exceptions are injected into the real
+daemon through a sitecustomize module (see conftest.inject_into_daemon).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+from pathlib import Path
+
+import pytest
+from conftest import drop_page_cache, in_thread, wait_until
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1024 * 1024
+
+
+def test_source_read_error_is_eio_for_that_reader_only(fault_source, memcachefs_mount) -> None:
+    good = random.Random(1).randbytes(2 * MiB)
+    (fault_source.backing / "good.bin").write_bytes(good)
+    (fault_source.backing / "bad.eio.bin").write_bytes(b"b" * MiB)
+    fs = memcachefs_mount(
+        fault_source.path,
+        capacity="16M",
+        args=["--block-size", "256K"],
+        expected_log=[r"bad\.eio"],
+    )
+    # Metadata of the broken file is fine; its data is not.
+    assert (fs.path / "bad.eio.bin").stat().st_size == MiB
+    for _ in range(2):  # and it stays an error, it is not cached as bytes
+        with pytest.raises(OSError) as raised:
+            (fs.path / "bad.eio.bin").read_bytes()
+        assert raised.value.errno == errno.EIO
+    assert (fs.path / "good.bin").read_bytes() == good
+    stats = fs.stats()
+    assert stats["read_errors"] >= 1
+    assert stats["source_bytes"] == len(good)
+    assert stats["used_bytes"] == len(good)  # no block of the broken file is stored
+    assert fs.process.poll() is None
+
+
+def test_stalled_source_does_not_block_cached_reads(fault_source, memcachefs_mount) -> None:
+    cached = random.Random(2).randbytes(3 * MiB)
+    cold = random.Random(3).randbytes(MiB)
+    (fault_source.backing / "cached.bin").write_bytes(cached)
+    (fault_source.backing / "cold.bin").write_bytes(cold)
+    fs = memcachefs_mount(
+        fault_source.path, capacity="16M", args=["--block-size", "256K", "--attr-timeout", "0.2"]
+    )
+    assert (fs.path / "cached.bin").read_bytes() == cached
+    assert (fs.path / "cold.bin").stat().st_size == len(cold)
+    hits_before = fs.stats()["hits"]
+
+    def read_cached() -> bytes:
+        drop_page_cache(fs.path / "cached.bin")  # the open itself needs the daemon
+        return (fs.path / "cached.bin").read_bytes()
+
+    cold_path = fs.path / "cold.bin"
+    with fault_source.stalled(), in_thread(cold_path.read_bytes) as cold_read:
+        wait_until(lambda: fs.stats()["fills_in_flight"] >= 1, "the cold read to stall")
+        # A new open asks the (stalled) source: the daemon falls back to the
+        # version it knew, and the blocks come from memory.
+        with in_thread(read_cached) as cached_read:
+            assert cached_read() == cached
+        assert fs.stats()["unpinned_opens"] >= 1
+        assert os.stat(fs.path / "cached.bin").st_size == len(cached)
+        # The cold read is still stuck on the source.
+        assert fs.stats()["fills_in_flight"] >= 1
+        # (leaving the stall: the cold read completes)
+        fault_source.stall_file.unlink()
+        assert cold_read() == cold
+    stats = fs.stats()
+    assert stats["hits"] > hits_before
+    assert stats["source_bytes"] == len(cached) + len(cold)
+    assert fs.unmount() == 0  # nothing is left waiting on the source
+
+
+HANDLER_FAULTS = {
+    "read": (
+        "memcachefs.source.Source.read_block",
+        "key.version.relpath",
+        lambda p: (p / "boom.bin").read_bytes(),
+    ),
+    "getattr": (
+        "memcachefs.source.Source.lstat",
+        "relpath",
+        lambda p: os.stat(p / "boom.bin"),
+    ),
+    "readlink": (
+        "memcachefs.source.Source.readlink",
+        "relpath",
+        lambda p: os.readlink(p / "boom-link"),
+    ),
+    "opendir": (
+        "memcachefs.source.Source.listdir",
+        "relpath",
+        lambda p: os.listdir(p / "boom-dir"),
+    ),
+}
+
+_INJECTION = """
+import functools, importlib
+
+def _install():
+    module_name, class_name, method_name = {target!r}.rsplit(".", 2)
+    cls = getattr(importlib.import_module(module_name), class_name)
+    original = getattr(cls, method_name)
+
+    @functools.wraps(original)
+    async def failing(self, *args, **kwargs):
+        relpath = args[0] if {where!r} == "relpath" else args[0].version.relpath
+        if b"boom" in relpath:
+            raise RuntimeError("injected fault in " + method_name)
+        return await original(self, *args, **kwargs)
+
+    setattr(cls, method_name, failing)
+
+_install()
+"""
+
+
+@pytest.mark.parametrize("handler", list(HANDLER_FAULTS))
+def test_unexpected_exception_is_eio_and_one_log_line(
+    memcachefs_source: Path, memcachefs_mount, inject_into_daemon, handler: str
+) -> None:
+    target, where, trigger = HANDLER_FAULTS[handler]
+    inject_into_daemon(_INJECTION.format(target=target, where=where))
+    (memcachefs_source / "boom.bin").write_bytes(b"x" * 100_000)
+    (memcachefs_source / "boom-dir").mkdir()
+    os.symlink("target", memcachefs_source / "boom-link")
+    (memcachefs_source / "fine.bin").write_bytes(b"fine")
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="8M",
+        expected_log=[r"internal error in \w+; answered EIO", r"^Traceback"],
+    )
+
+    with pytest.raises(OSError) as raised:
+        trigger(fs.path)
+    assert raised.value.errno == errno.EIO
+
+    with pytest.raises(OSError) as again:
+        trigger(fs.path)
+    assert again.value.errno == errno.EIO
+    # The mount lives: other requests are answered.
+    assert (fs.path / "fine.bin").read_bytes() == b"fine"
+    assert sorted(os.listdir(fs.path)) == ["boom-dir", "boom-link", "boom.bin", "fine.bin"]
+    # (The kernel may retry a failed page read once, so a read() can be 2 requests.)
+    internal_errors = fs.stats()["internal_errors"]
+    assert 2 <= internal_errors <= 4
+    assert fs.process.poll() is None
+    errors = [line for line in fs.log_text().splitlines() if " ERROR " in line]
+    # One line per failed request (plus its traceback).
+    assert len(errors) == internal_errors, errors
+    assert all("injected fault" not in line for line in errors)
+    assert "RuntimeError: injected fault" in fs.log_text()
