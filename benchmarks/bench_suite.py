@@ -50,7 +50,7 @@ import common
 from bench_core import start_reference
 from common import GiB, MiB, ReadResult, Scenario
 from memcachefs.testing.harness import MountedFS, fuse_available, mount
-from slowsource import AlternativeUnavailable, SlowSource
+from slowsource import AlternativeUnavailable, SlowSource, SlowSourceError
 
 HERE = Path(__file__).resolve().parent
 DATA = "data.bin"
@@ -1074,6 +1074,9 @@ def main() -> int:
     except KeyboardInterrupt:
         common.eprint("interrupted: everything was torn down")
         return 130
+    except SlowSourceError as error:
+        common.eprint(f"error: slow source: {error}")
+        return 1
     result["goals"] = goals(result)
     common.write_json(args.json, result)
     chart(result, args.png)

@@ -84,3 +84,58 @@ def test_bench_rss_smoke(tmp_path: Path) -> None:
     assert data["throughput_gbps"] > 0
     assert data["peak_rss_hwm_bytes"] <= data["bound_bytes"]
     assert data["max_used_bytes"] <= data["capacity_bytes"]
+
+
+SUITE_SCENARIOS = {  # bench_suite.py --smoke: everything but the alternatives (need S3)
+    "source_raw",
+    "shm_copy",
+    "shm_copy_read",
+    "tmpfs",
+    "loopback_tcp",
+    "reference",
+    "safetensors_tmpfs",
+    "ttfb_source",
+    "memcachefs_cold",
+    "memcachefs_cached",
+    "memcachefs_repeat",
+    "memcachefs_first_after_warmup",
+    "memcachefs_safetensors",
+    "memcachefs_random_4m",
+    "memcachefs_ttfb_cold",
+    "memcachefs_ttfb_warm",
+    "memcachefs_remote_hit",
+    "memcachefs_cold_1_instance",
+    "memcachefs_cold_3_instances",
+}
+
+
+@pytest.mark.usefixtures("fuse_required")
+def test_bench_suite_smoke(tmp_path: Path) -> None:
+    out, work = tmp_path / "suite.json", tmp_path / "work"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "bench_suite.py"),
+            "--smoke",
+            "--workdir",
+            str(work),
+            "--json",
+            str(out),
+            "--png",
+            str(tmp_path / "suite.png"),
+            "--markdown",
+            str(tmp_path / "suite.md"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not [entry for entry in mounts.mount_entries() if entry.mountpoint.startswith(str(work))]
+    data = json.loads(out.read_text())
+    assert set(data["scenarios"]) == SUITE_SCENARIOS
+    for name, scenario in data["scenarios"].items():
+        assert scenario["repetitions"] >= 1, name
+        assert all(gbps > 0 for gbps in scenario["samples_gbps"]), name
+    assert data["goals"] and "| goal (issue 4 item 5)" in (tmp_path / "suite.md").read_text()
