@@ -789,6 +789,7 @@ class Suite:
             "elapsed_s": round(time.time() - started, 1),
             "notes": self.notes,
             "scenarios": {name: s.summary() for name, s in self.scenarios.items()},
+            "order": list(self.scenarios),  # the JSON file sorts its keys
         }
 
 
@@ -877,6 +878,11 @@ def goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def ordered(result: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    names = result.get("order") or [n for n in SCENARIOS if n in result["scenarios"]]
+    return [(name, result["scenarios"][name]) for name in names]
+
+
 def markdown(result: dict[str, Any]) -> str:
     machine = result["machine"]
     load = result["load_average"]
@@ -904,7 +910,7 @@ def markdown(result: dict[str, Any]) -> str:
         "daemon peak RSS | daemon CPU s/GiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, s in result["scenarios"].items():
+    for name, s in ordered(result):
         if not s["samples_gbps"]:
             continue
         if s["unit"] == "ms":
@@ -974,11 +980,9 @@ def chart(result: dict[str, Any], path: Path) -> None:
     except ImportError:
         common.eprint("warning: no matplotlib (pip install -e '.[bench]'); no chart written")
         return
-    items = [
-        (name, s)
-        for name, s in result["scenarios"].items()
-        if s["unit"] == "GB/s" and s["samples_gbps"]
-    ][::-1]
+    items = [(name, s) for name, s in ordered(result) if s["unit"] == "GB/s" and s["samples_gbps"]][
+        ::-1
+    ]
     if not items:
         return
     names = [name for name, _ in items]
@@ -996,9 +1000,16 @@ def chart(result: dict[str, Any], path: Path) -> None:
     colors = [palette.get(s["group"], "tab:gray") for _, s in items]
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(items) + 1.5))
     ax.barh(names, medians, xerr=errors, color=colors, capsize=3)
-    for y, m in enumerate(medians):
-        ax.text(m, y, f" {m:.3g}", va="center", fontsize=7)
+    for y, (m, (_, s)) in enumerate(zip(medians, items, strict=True)):
+        ax.text(s["max_gbps"], y, f" {m:.3g}", va="center", fontsize=7)
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    low = min(s["min_gbps"] for _, s in items if s["min_gbps"] > 0)
+    ax.set_xlim(low / 2, max(s["max_gbps"] for _, s in items) * 2)
     ax.set_xlabel("GB/s (median, whiskers min-max, log scale)")
     src = result["source"]
     ax.set_title(
