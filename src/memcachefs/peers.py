@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import select
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,8 @@ IDLE_CONNECTION_S = 60.0  # the server closes kept-alive connections idle this l
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 30.0
 MAX_IDLE_CONNECTIONS_PER_PEER = 8
+THREADED_PAYLOAD_BYTES = 256 * 1024  # larger payloads are received in a worker thread
+PEER_THREADS = 8
 ERROR_KINDS = ("timeout", "refused", "closed", "auth", "checksum", "version", "protocol", "remote")
 
 
@@ -81,6 +84,33 @@ async def _recv_exactly(sock: trio.socket.SocketType, view: memoryview) -> None:
         if count == 0:
             raise _Closed(received, reset=False)
         received += count
+
+
+def _receive_payload(fd: int, buffer: memoryview, timeout_s: float) -> int:
+    """Fill `buffer` from a (non-blocking) socket in a worker thread; its xxh3-64.
+
+    The caller owns the socket exclusively while this runs (one task per
+    connection). Gives up with a timeout PeerError after `timeout_s`.
+    """
+    deadline = time.monotonic() + timeout_s
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    received = 0
+    while received < len(buffer):
+        try:
+            count = os.readv(fd, [buffer[received:]])
+        except BlockingIOError:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PeerError("payload not received in time", kind="timeout") from None
+            poller.poll(max(1, int(remaining * 1000)))
+            continue
+        except OSError:
+            raise _Closed(received, reset=True) from None
+        if count == 0:
+            raise _Closed(received, reset=False)
+        received += count
+    return xxhash.xxh3_64_intdigest(buffer)
 
 
 # -- server -----------------------------------------------------------------------
@@ -359,6 +389,7 @@ class PeerClient:
         self._misses = 0
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._connections_opened = 0
+        self._limiter = trio.CapacityLimiter(PEER_THREADS)
 
     # -- choosing a peer -----------------------------------------------------------
     def _sync_members(self) -> None:
@@ -497,11 +528,19 @@ class PeerClient:
             raise PeerError("the peer could not produce the block", kind="remote")
         if response.payload_len != len(buffer):
             raise ProtocolError("payload length differs from the block length")
+        remaining_s = min(self._timeout_s, trio.current_effective_deadline() - trio.current_time())
         try:
-            await _recv_exactly(sock, buffer)
+            if len(buffer) >= THREADED_PAYLOAD_BYTES:
+                # In a worker thread (the GIL is released in recv and in xxh3), so a
+                # transfer runs alongside the FUSE requests on the trio thread.
+                checksum = await trio.to_thread.run_sync(
+                    _receive_payload, sock.fileno(), buffer, remaining_s, limiter=self._limiter
+                )
+            else:
+                await _recv_exactly(sock, buffer)
+                checksum = xxhash.xxh3_64_intdigest(buffer)
         except _Closed:
             raise PeerError("connection closed mid-transfer", kind="closed") from None
-        checksum = xxhash.xxh3_64_intdigest(buffer)
         if checksum != response.checksum:
             raise PeerError("payload checksum mismatch", kind="checksum")
         return checksum
