@@ -185,3 +185,32 @@ def test_an_instance_stopped_with_sigterm_leaves_its_peers_reading(
     stats = reader.stats()
     assert stats["peer_bytes"] > 0
     assert stats["internal_errors"] == 0
+
+
+def test_three_cold_instances_read_each_block_from_the_source_once(
+    source: Path, memcachefs_mount
+) -> None:
+    ports = [free_port() for _ in range(3)]
+    instances = [
+        memcachefs_mount(
+            source,
+            capacity="64M",
+            args=[
+                "--listen",
+                addr(port),
+                *(a for p in ports if p != port for a in ("--peer", addr(p))),
+            ],
+        )
+        for port in ports
+    ]
+    expected = (source / "model.bin").read_bytes()
+    with (
+        in_thread((instances[0].path / "model.bin").read_bytes) as first,
+        in_thread((instances[1].path / "model.bin").read_bytes) as second,
+    ):
+        assert (instances[2].path / "model.bin").read_bytes() == expected
+        assert first() == expected
+        assert second() == expected
+    stats = [fs.stats() for fs in instances]
+    assert sum(s["source_bytes"] for s in stats) == SIZE
+    assert all(s["members"] == 2 for s in stats)
