@@ -20,7 +20,7 @@ import trio
 from memcachefs import mounts
 from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig, MountConfig
-from memcachefs.errors import MountError
+from memcachefs.errors import MemcachefsError, MountError
 from memcachefs.fs import Filesystem
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
@@ -59,6 +59,17 @@ def pin_malloc_mmap_threshold() -> None:
 
 async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
     """Mount and serve until unmounted or signalled. Raises MountError if it cannot mount."""
+    try:
+        await _serve(config, on_ready)
+    except BaseExceptionGroup as group:
+        # The nursery wraps a failure to mount in a group; callers want the error itself.
+        errors = group.exceptions
+        if len(errors) == 1 and isinstance(errors[0], MemcachefsError):
+            raise errors[0] from None
+        raise
+
+
+async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     pin_malloc_mmap_threshold()
     cache = config.cache
     cluster = config.cluster
