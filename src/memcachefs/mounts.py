@@ -69,6 +69,9 @@ def is_stale(mountpoint: str | os.PathLike[str]) -> bool:
     """True when a FUSE mount is there but its daemon is gone (ENOTCONN)."""
     try:
         os.stat(mountpoint)
+        # After the daemon died the kernel still answers stat from attributes it
+        # cached (for the attribute timeout); opening the directory always asks.
+        os.close(os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY))
     except OSError as error:
         return error.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     return False
