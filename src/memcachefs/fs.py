@@ -376,8 +376,12 @@ class Filesystem(pyfuse3.Operations):
         return fh
 
     async def wait_idle(self) -> None:
-        """Return once no request is being handled (used for a graceful stop)."""
-        while self.requests_in_flight:
+        """Return once no request is being handled and no file is open (graceful stop).
+
+        Open files count: one read() of a reader is several kernel requests, and
+        unmounting in a gap between two of them fails the read with ENOTCONN.
+        """
+        while self.requests_in_flight or self._files:
             self.idle = trio.Event()
             await self.idle.wait()
 
