@@ -1,0 +1,85 @@
+"""Issue 2, item 8: the kernel page cache serves repeat reads (keep_cache) and is
+dropped when the source file changes, so a new open never sees stale pages."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+pytestmark = pytest.mark.fuse
+
+MiB = 1024 * 1024
+
+
+def _lookups(fs) -> int:
+    stats = fs.stats()
+    return stats["hits"] + stats["misses"]
+
+
+def test_repeat_reads_come_from_the_page_cache(memcachefs_source: Path, memcachefs_mount) -> None:
+    payload = random.Random(1).randbytes(8 * MiB)
+    (memcachefs_source / "model.bin").write_bytes(payload)
+    fs = memcachefs_mount(memcachefs_source, capacity="32M", args=["--block-size", "1M"])
+    path = fs.path / "model.bin"
+    assert path.read_bytes() == payload
+    first = _lookups(fs)
+    assert first >= 8
+    for _ in range(3):
+        assert path.read_bytes() == payload
+    # Each repeat read opened the file again (same version: keep_cache), and the
+    # kernel answered it: the daemon saw (almost) no block lookups.
+    assert _lookups(fs) - first <= 2
+    assert fs.stats()["source_bytes"] == len(payload)
+
+
+@pytest.mark.parametrize("same_size", [True, False], ids=["same-size", "new-size"])
+def test_changed_file_is_read_fresh_after_the_ttl(
+    memcachefs_source: Path, memcachefs_mount, same_size: bool
+) -> None:
+    old = random.Random(2).randbytes(3 * MiB)
+    new = random.Random(3).randbytes(3 * MiB if same_size else 2 * MiB + 77)
+    source_file = memcachefs_source / "model.bin"
+    source_file.write_bytes(old)
+    os.utime(source_file, ns=(10**18, 10**18))
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="32M",
+        args=["--block-size", "256K", "--attr-timeout", "0.3"],
+    )
+    path = fs.path / "model.bin"
+    assert path.read_bytes() == old  # now in the page cache and in memory
+    assert path.read_bytes() == old
+
+    # Replace it in the source (a new file renamed over), with a different mtime.
+    staging = memcachefs_source / ".staging"
+    staging.write_bytes(new)
+    os.utime(staging, ns=(2 * 10**18, 2 * 10**18))
+    staging.rename(source_file)
+
+    wait_until(lambda: os.stat(path).st_mtime_ns == 2 * 10**18, "the mount to show the new mtime")
+    assert os.stat(path).st_size == len(new)
+    data = path.read_bytes()
+    assert data == new, "a new open after the TTL read stale pages or a mix"
+    assert path.read_bytes() == new
+
+
+def test_rewritten_in_place_is_read_fresh_after_the_ttl(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    old = bytes(range(256)) * 8192  # 2 MiB
+    new = bytes(reversed(range(256))) * 8192
+    source_file = memcachefs_source / "model.bin"
+    source_file.write_bytes(old)
+    os.utime(source_file, ns=(10**18, 10**18))
+    fs = memcachefs_mount(memcachefs_source, capacity="32M", args=["--attr-timeout", "0.3"])
+    path = fs.path / "model.bin"
+    assert path.read_bytes() == old
+    with open(source_file, "r+b") as f:  # same inode, same size
+        f.write(new)
+    os.utime(source_file, ns=(3 * 10**18, 3 * 10**18))
+    wait_until(lambda: os.stat(path).st_mtime_ns == 3 * 10**18, "the new mtime")
+    assert path.read_bytes() == new
