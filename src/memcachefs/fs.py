@@ -176,8 +176,25 @@ class Filesystem(pyfuse3.Operations):
     async def getattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        st = await self._metadata.lstat(self._path(inode))
+        relpath = self._path(inode)
+        try:
+            st = await self._metadata.lstat(relpath)
+        except FileNotFoundError:
+            # Removed from the source while open: its handles read it to the end,
+            # so it keeps its attributes (else the kernel fails their reads).
+            pinned = await self._pinned_attributes(inode)
+            if pinned is None:
+                raise
+            st = pinned
         return self._entry(inode, st)
+
+    async def _pinned_attributes(self, inode: int) -> os.stat_result | None:
+        for handle in list(self._files.values()):
+            if handle.inode == inode and handle.pinned:
+                st = await self._source.fstat(handle.version)
+                if st is not None:
+                    return st
+        return None
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:

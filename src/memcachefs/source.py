@@ -179,6 +179,18 @@ class Source:
         self._adopt(version, fd).refs += 1
         return version
 
+    async def fstat(self, version: FileVersion) -> os.stat_result | None:
+        """Attributes of the file held open for `version` (even once removed from the
+        source); None if it is not held."""
+        descriptor = self._descriptors.get(version)
+        if descriptor is None:
+            return None
+        descriptor.refs += 1
+        try:
+            return await self._metadata(os.fstat, descriptor.fd)
+        finally:
+            descriptor.refs -= 1
+
     def release(self, version: FileVersion) -> None:
         descriptor = self._descriptors.get(version)
         if descriptor is None:
