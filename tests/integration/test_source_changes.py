@@ -1,0 +1,184 @@
+"""Issue 2, item 9 (README "Semantics" 2-4): a file changed in the source while a handle
+is open is never served as a mix of two versions; new opens see the new version after
+the attribute timeout.
+
+What an open handle gets, as pinned here:
+- replaced (new file renamed over) or removed: the old version, to the end;
+- rewritten in place or truncated: blocks still in memory are the old version, a block
+  that needs the source fails with ESTALE (or, past a new end of file the kernel has
+  learnt, a short read); never a byte of the new version.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from conftest import wait_until
+
+pytestmark = pytest.mark.fuse
+
+KiB = 1024
+BLOCK = 64 * KiB
+SIZE = 16 * BLOCK  # 1 MiB
+OLD = bytes([0xA1]) * SIZE
+NEW = bytes([0xB2]) * SIZE
+OLD_MTIME_NS, NEW_MTIME_NS = 10**18, 2 * 10**18
+
+
+@pytest.fixture
+def setup(memcachefs_source: Path, memcachefs_mount):
+    source_file = memcachefs_source / "model.bin"
+    source_file.write_bytes(OLD)
+    os.utime(source_file, ns=(OLD_MTIME_NS, OLD_MTIME_NS))
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="16M",
+        # No readahead anywhere: the test decides which blocks are in memory.
+        args=[
+            "--block-size",
+            "64K",
+            "--read-ahead",
+            "0",
+            "--attr-timeout",
+            "0.3",
+            "--kernel-read-ahead",
+            "4K",
+        ],
+        expected_log=[],
+    )
+    return fs, source_file
+
+
+def _open_and_cache_first_block(path: Path) -> int:
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+    assert os.pread(fd, 4096, 0) == OLD[:4096]  # block 0 is now in the daemon's memory
+    return fd
+
+
+def _read_block(fd: int, index: int) -> bytes | int:
+    """Block `index` through the handle, past the page cache: bytes or the errno."""
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        return os.pread(fd, BLOCK, index * BLOCK)
+    except OSError as error:
+        return error.errno or -1
+
+
+def _wait_for_new_version(path: Path, *, removed: bool = False) -> None:
+    if removed:
+        wait_until(lambda: not os.path.exists(path), "the file to disappear from the mount")
+    else:
+        wait_until(lambda: os.stat(path).st_mtime_ns == NEW_MTIME_NS, "the new mtime")
+
+
+def _replace(source_file: Path) -> None:
+    staging = source_file.with_name(".staging")
+    staging.write_bytes(NEW)
+    os.utime(staging, ns=(NEW_MTIME_NS, NEW_MTIME_NS))
+    staging.rename(source_file)
+
+
+def _rewrite_in_place(source_file: Path) -> None:
+    with open(source_file, "r+b") as f:
+        f.write(NEW)
+    os.utime(source_file, ns=(NEW_MTIME_NS, NEW_MTIME_NS))
+
+
+def test_replaced_file_open_handle_keeps_the_old_version(setup) -> None:
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    fd = _open_and_cache_first_block(path)
+    try:
+        _replace(source_file)
+        _wait_for_new_version(path)
+        blocks = [_read_block(fd, i) for i in range(16)]
+        assert blocks == [OLD[:BLOCK]] * 16
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == NEW  # a new open: the new version
+
+
+def test_removed_file_open_handle_keeps_the_old_version(setup) -> None:
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    fd = _open_and_cache_first_block(path)
+    try:
+        source_file.unlink()
+        _wait_for_new_version(path, removed=True)
+        blocks = [_read_block(fd, i) for i in range(16)]
+        assert blocks == [OLD[:BLOCK]] * 16
+    finally:
+        os.close(fd)
+    with pytest.raises(FileNotFoundError):
+        path.read_bytes()
+
+
+def test_rewritten_in_place_cached_blocks_old_others_estale(setup) -> None:
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    fd = _open_and_cache_first_block(path)
+    try:
+        _rewrite_in_place(source_file)
+        _wait_for_new_version(path)
+        block0 = _read_block(fd, 0)
+        block8 = _read_block(fd, 8)
+    finally:
+        os.close(fd)
+    assert block0 == OLD[:BLOCK]  # from memory
+    assert block8 == errno.ESTALE  # needs the source, which holds another version now
+    assert fs.stats()["stale_reads"] >= 1
+    assert path.read_bytes() == NEW
+
+
+def test_truncated_file_never_mixes(setup) -> None:
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    fd = _open_and_cache_first_block(path)
+    try:
+        with open(source_file, "r+b") as f:
+            f.truncate(SIZE // 2)
+        os.utime(source_file, ns=(NEW_MTIME_NS, NEW_MTIME_NS))
+        _wait_for_new_version(path)
+        blocks = {i: _read_block(fd, i) for i in (0, 4, 12)}
+    finally:
+        os.close(fd)
+    assert blocks[0] == OLD[:BLOCK]
+    for index in (4, 12):
+        # ESTALE from the daemon, or (beyond the size the kernel now knows) an empty read.
+        assert blocks[index] in (errno.ESTALE, b"") or blocks[index] == OLD[:BLOCK], index
+    assert path.read_bytes() == OLD[: SIZE // 2]  # the new version: the truncated file
+
+
+def test_concurrent_rewrites_never_yield_a_mixed_read(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    # A writer flips the whole file between two versions (by rename) while readers
+    # open and read it: every successful read is entirely one version.
+    versions = [bytes([v]) * (SIZE // 2) for v in (0x11, 0x22, 0x33, 0x44)]
+    source_file = memcachefs_source / "flip.bin"
+    source_file.write_bytes(versions[0])
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="16M",
+        args=["--block-size", "64K", "--attr-timeout", "0.05"],
+    )
+    path = fs.path / "flip.bin"
+    seen = set()
+    for round_ in range(40):
+        version = versions[round_ % len(versions)]
+        staging = source_file.with_name(".staging")
+        staging.write_bytes(version)
+        os.utime(staging, ns=(10**18 + round_, 10**18 + round_))
+        staging.rename(source_file)
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            assert error.errno in (errno.ESTALE, errno.ENOENT), error
+            continue
+        assert len(set(data)) == 1, f"round {round_}: a read mixed versions"
+        seen.add(data[:1])
+    assert len(seen) >= 2  # the readers did see the file change
