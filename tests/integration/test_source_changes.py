@@ -182,3 +182,43 @@ def test_concurrent_rewrites_never_yield_a_mixed_read(
         assert len(set(data)) == 1, f"round {round_}: a read mixed versions"
         seen.add(data[:1])
     assert len(seen) >= 2  # the readers did see the file change
+
+
+def _replace_with_smaller(source_file: Path) -> None:
+    staging = source_file.with_name(".staging")
+    staging.write_bytes(NEW[: SIZE // 4])
+    os.utime(staging, ns=(NEW_MTIME_NS, NEW_MTIME_NS))
+    staging.rename(source_file)
+
+
+def test_replaced_by_a_smaller_file_open_handle_reads_only_old_bytes(setup) -> None:
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    fd = _open_and_cache_first_block(path)
+    try:
+        _replace_with_smaller(source_file)
+        _wait_for_new_version(path)
+        blocks = [_read_block(fd, i) for i in range(16)]
+    finally:
+        os.close(fd)
+    data = b"".join(block for block in blocks if isinstance(block, bytes))
+    assert data == OLD[: len(data)]  # a prefix of the old version, never new bytes
+    assert path.read_bytes() == NEW[: SIZE // 4]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation: the kernel keeps one size per inode, so once it learns "
+    "the new (smaller) size, an old handle's reads stop there instead of at its own end",
+)
+def test_replaced_by_a_smaller_file_open_handle_reads_to_its_end(setup) -> None:
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    fd = _open_and_cache_first_block(path)
+    try:
+        _replace_with_smaller(source_file)
+        _wait_for_new_version(path)
+        blocks = [_read_block(fd, i) for i in range(16)]
+    finally:
+        os.close(fd)
+    assert blocks == [OLD[:BLOCK]] * 16
