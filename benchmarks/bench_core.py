@@ -43,6 +43,7 @@ from memcachefs.testing.harness import MountedFS, fuse_available, mount
 
 HERE = Path(__file__).resolve().parent
 STATS_XATTR = "user.memcachefs.stats"
+REFERENCE_XATTR = "user.reference.stats"
 
 DESCRIPTIONS = {
     "tmpfs": "read of the file in tmpfs (/dev/shm)",
@@ -56,10 +57,23 @@ DESCRIPTIONS = {
 ORDER = list(DESCRIPTIONS)
 
 
-def daemon_bytes(path: Path) -> tuple[int, int]:
+def daemon_bytes(path: Path) -> Callable[[], tuple[int, int]]:
     """(memory_bytes, source_bytes) of memcachefs: did a read reach the daemon?"""
-    stats = json.loads(os.getxattr(path, STATS_XATTR))
-    return int(stats.get("memory_bytes", 0)), int(stats.get("source_bytes", 0))
+
+    def read() -> tuple[int, int]:
+        stats = json.loads(os.getxattr(path, STATS_XATTR))
+        return int(stats.get("memory_bytes", 0)), int(stats.get("source_bytes", 0))
+
+    return read
+
+
+def reference_bytes(path: Path) -> Callable[[], tuple[int, int]]:
+    """(bytes answered, 0) of reference_fs."""
+
+    def read() -> tuple[int, int]:
+        return int(json.loads(os.getxattr(path, REFERENCE_XATTR))["read_bytes"]), 0
+
+    return read
 
 
 def start_reference(
@@ -108,14 +122,14 @@ def measure(
     *,
     before: Callable[[], None] | None = None,
     pid: int | None = None,
-    served_by: Path | None = None,
+    served_by: Callable[[], tuple[int, int]] | None = None,
     tx: Callable[[], int | None] | None = None,
 ) -> None:
     """One repetition: prepare, read timed, record the daemon's CPU and bytes served."""
     if before:
         before()
     cpu0 = common.cpu_seconds(pid) if pid else 0.0
-    served0 = daemon_bytes(served_by) if served_by else (0, 0)
+    served0 = served_by() if served_by else (0, 0)
     tx0 = tx() if tx else None
     result = common.timed_read(path, buffer_size)
     if pid:
@@ -124,7 +138,7 @@ def measure(
             scenario.daemon_peak_rss_bytes or 0, common.peak_rss(pid)
         )
     if served_by:
-        memory, source = daemon_bytes(served_by)
+        memory, source = served_by()
         scenario.daemon_memory_bytes.append(memory - served0[0])
         scenario.daemon_source_bytes.append(source - served0[1])
     if tx0 is not None and tx is not None:
@@ -229,7 +243,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     mp / source_file.name,
                     args.buffer,
                     pid=cold.pid,
-                    served_by=cold.path,
+                    served_by=daemon_bytes(cold.path),
                     tx=slow.tx_bytes if slow else None,
                 )
             finally:
@@ -260,6 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.buffer,
                 before=drop(ref_file),
                 pid=reference.pid,
+                served_by=reference_bytes(ref_mp),
             )
             measure(
                 scenarios["memcachefs_cached"],
@@ -267,21 +282,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.buffer,
                 before=drop(mcfs_file),
                 pid=cached.pid,
-                served_by=cached.path,
+                served_by=daemon_bytes(cached.path),
             )
             measure(
                 scenarios["memcachefs_repeat"],
                 mcfs_file,
                 args.buffer,
                 pid=cached.pid,
-                served_by=cached.path,
+                served_by=daemon_bytes(cached.path),
             )
             measure(
                 scenarios["memcachefs_repeat_steady"],
                 mcfs_file,
                 args.buffer,
                 pid=cached.pid,
-                served_by=cached.path,
+                served_by=daemon_bytes(cached.path),
             )
         stats = cached.stats()
         problems = cached.problems()
@@ -298,10 +313,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if created_source_file is not None and not args.keep:
             created_source_file.unlink(missing_ok=True)
 
-    for name in ("memcachefs_cached",):
+    for name in ("reference", "memcachefs_cached"):
         served = scenarios[name].daemon_memory_bytes
         if served and min(served) < size:
             notes.append(f"{name}: some repetitions were partly served by the page cache")
+    for name in ("memcachefs_repeat", "memcachefs_repeat_steady"):
+        served = scenarios[name].daemon_memory_bytes
+        if served and max(served) > 0:
+            notes.append(f"{name}: some repetitions reached the daemon (page cache dropped)")
     return {
         "benchmark": "bench_core",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
@@ -357,7 +376,7 @@ def markdown(result: dict[str, Any]) -> str:
         peak = s["daemon_peak_rss_bytes"]
         rss = f"{peak / MiB:.0f} MiB" if peak else "-"
         lines.append(
-            f"| {name} | {s['median_gbps']:.3f} | {s['min_gbps']:.3f} | {s['max_gbps']:.3f} "
+            f"| {name} | {s['median_gbps']:.3g} | {s['min_gbps']:.3g} | {s['max_gbps']:.3g} "
             f"| {ratio(result, name, 'tmpfs'):.2f} | {ratio(result, name, 'reference'):.2f} "
             f"| {cpu} | {rss} |"
         )

@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         pid = mounted.pid
         rss_idle = common.rss(pid)
+        load_start = common.load_average()
         files = [str(mountpoint / name) for name in names]
         shared = Readers(files, args.read_size, stop, total, errors)
         for number in range(args.readers):
@@ -177,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bench_rss",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": common.machine_description(),
+        "load_average_start": load_start,
         "load_average_end": common.load_average(),
         "capacity_bytes": capacity,
         "bound_bytes": bound,
@@ -243,8 +245,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Command: `python benchmarks/{result['command']}`",
         "",
-        f"Machine: {common.describe_machine_line(result['machine'])}; load average at the "
-        f"end: {', '.join(f'{x:.2f}' for x in result['load_average_end'])}.",
+        f"Machine: {common.describe_machine_line(result['machine'])}; load average before "
+        f"the readers started: {', '.join(f'{x:.2f}' for x in result['load_average_start'])}, "
+        f"at the end (16 readers included): "
+        f"{', '.join(f'{x:.2f}' for x in result['load_average_end'])}.",
         "",
         "| | |",
         "|---|---|",

@@ -9,12 +9,14 @@ lookups), with the same mount options and kernel readahead as memcachefs.
 
 It prints ``ready <major:minor> read_ahead_kb=<n>`` on stdout once the mount
 serves requests (or ``error: ...`` and exits 2), and unmounts on SIGTERM/SIGINT.
+The xattr ``user.reference.stats`` of the root counts the READs it answered.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import signal
 import stat
@@ -28,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fill_buffer, parse_size
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
+STATS_XATTR = b"user.reference.stats"  # {"reads": n, "read_bytes": n} on the root
 
 
 class ReferenceFS(pyfuse3.Operations):
@@ -104,6 +107,13 @@ class ReferenceFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         return None
+
+    async def getxattr(
+        self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
+    ) -> bytes:
+        if inode == pyfuse3.ROOT_INODE and name == STATS_XATTR:
+            return json.dumps({"reads": self.reads, "read_bytes": self.read_bytes}).encode()
+        raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
 
 def _mount_device(mountpoint: str) -> str | None:
