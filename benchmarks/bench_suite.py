@@ -762,6 +762,15 @@ class Suite:
             "memcachefs_cold and memcachefs_cold_1_instance: sample 1 is the main daemon's own "
             "first (cold) read, the others fresh daemons"
         )
+        self.notes.append(
+            "daemon CPU and peak RSS: memcachefs_remote_hit sums instances A and B (max RSS), "
+            "memcachefs_cold_3_instances the 3 daemons; rclone/s3fs rows are their own daemons"
+        )
+        self.notes.append(
+            "--cold-repeat (default 3) repetitions for the scenarios that read the slow source "
+            "(about 23 s per GiB each at 400mbit), --repeat for the others: a full 1 GiB run "
+            "takes about 25 minutes"
+        )
         loads_1m = [la[0] for la in self.loads] or [0.0]
         return {
             "benchmark": "bench_suite",
