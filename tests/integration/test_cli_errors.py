@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import MEMCACHEFS, run_cli
+from support import MEMCACHEFS, run_cli
 
 from memcachefs import mounts
 

@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import drop_page_cache, in_thread, run_cli
+from support import drop_page_cache, in_thread, run_cli
 
 from memcachefs import mounts
 from memcachefs.metrics import CLUSTER_KEYS

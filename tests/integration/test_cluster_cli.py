@@ -6,7 +6,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from support import run_cli
 
 from memcachefs import mounts
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import DEADLINE_S, drop_page_cache
+from support import DEADLINE_S, drop_page_cache
 
 from memcachefs import mounts
 

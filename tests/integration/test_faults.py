@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import drop_page_cache, in_thread, wait_until
+from support import drop_page_cache, in_thread, wait_until
 
 pytestmark = pytest.mark.fuse
 

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE_S, in_thread, run_cli, wait_until
+from support import DEADLINE_S, in_thread, run_cli, wait_until
 
 from memcachefs import mounts
 
@@ -221,6 +221,6 @@ def test_foreground_mount_stays_attached_and_logs_to_stderr(tmp_path: Path) -> N
 
 
 def _memcachefs() -> list[str]:
-    from conftest import MEMCACHEFS
+    from support import MEMCACHEFS
 
     return MEMCACHEFS

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.fuse
 

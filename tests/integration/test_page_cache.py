@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.fuse
 

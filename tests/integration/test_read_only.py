@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import mount_options
+from support import mount_options
 
 pytestmark = pytest.mark.fuse
 

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.fuse
 

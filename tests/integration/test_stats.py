@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import DEADLINE_S, drop_page_cache, run_cli
+from support import DEADLINE_S, drop_page_cache, run_cli
 
 from memcachefs.metrics import REQUIRED_KEYS
 
