@@ -111,9 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--shutdown-grace",
         type=float,
-        default=10.0,
+        default=5.0,
         metavar="SECONDS",
-        help="how long SIGTERM waits for reads in flight (default 10)",
+        help="how long SIGTERM waits for reads in flight and open files to close "
+        "before unmounting (default 5; keep it below your orchestrator's kill timeout)",
     )
     cluster = mount.add_argument_group("cluster (instances share their memory)")
     cluster.add_argument(

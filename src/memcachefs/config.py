@@ -131,4 +131,4 @@ class MountConfig(BaseModel):
     attr_timeout_s: Annotated[float, Field(ge=0)] = 1.0
     kernel_read_ahead_kib: Annotated[int, Field(ge=0, le=65536)] = 1024
     allow_other: bool = False
-    shutdown_grace_s: Annotated[float, Field(ge=0)] = 10.0
+    shutdown_grace_s: Annotated[float, Field(ge=0)] = 5.0

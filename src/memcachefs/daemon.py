@@ -207,6 +207,12 @@ async def _stop_on_signal(fs: Filesystem, grace_s: float, peer_server: PeerServe
                     await peer_server.drain()
                 await fs.wait_idle()
             if scope.cancelled_caught:
-                log.warning("requests still in flight after %.1fs; unmounting anyway", grace_s)
+                stats = fs.statistics()
+                log.warning(
+                    "%d requests in flight and %d open files after %.1fs; unmounting anyway",
+                    stats.requests_in_flight,
+                    stats.open_files,
+                    grace_s,
+                )
             pyfuse3.terminate()
             return
