@@ -158,6 +158,10 @@ class SuiteScenario(Scenario):
         self.daemon_peak_rss_bytes = max(self.daemon_peak_rss_bytes or 0, peak) or None
 
 
+def pid_list(pid: int | None) -> list[int]:
+    return [pid] if pid else []
+
+
 def cpu_of(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -196,7 +200,7 @@ def write_safetensors(path: Path, size: int, *, seed: int = 1) -> Path:
         for i in range(count):
             block = base ^ np.uint8(i % 251 + 1)
             block[:8] = np.frombuffer(i.to_bytes(8, "little"), dtype=np.uint8)
-            f.write(memoryview(block))
+            f.write(block.data)
     os.replace(tmp, path)
     return path
 
@@ -684,7 +688,7 @@ class Suite:
                         f"{label}_cold",
                         lambda: read_file(path, self.args.buffer),
                         before=lambda: self.drop(path),
-                        pids=[alt.pid],
+                        pids=pid_list(alt.pid),
                     )
                 # The last cold read left the whole file in its cache directory.
                 for _rep in range(self.args.repeat):
@@ -692,12 +696,12 @@ class Suite:
                         f"{label}_cached",
                         lambda: read_file(path, self.args.buffer),
                         before=lambda: self.drop(path),
-                        pids=[alt.pid],
+                        pids=pid_list(alt.pid),
                     )
                     self.measure(
                         f"{label}_repeat",
                         lambda: read_file(path, self.args.buffer),
-                        pids=[alt.pid],
+                        pids=pid_list(alt.pid),
                     )
                 self.scenarios[f"{label}_cached"].record("cache_dir_bytes", alt.cache_bytes())
 
