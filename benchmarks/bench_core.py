@@ -464,7 +464,11 @@ def main() -> int:
         common.eprint(f"error: {problem}")
         return 2
     with common.terminate_on_signals():
-        result = run(args)
+        try:
+            result = run(args)
+        except RuntimeError as error:  # a daemon or the slow source could not start
+            common.eprint(f"error: {error}")
+            return 2
     if args.json:
         common.write_json(args.json, result)
     if args.png:
