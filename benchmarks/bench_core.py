@@ -316,7 +316,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("reference", "memcachefs_cached"):
         served = scenarios[name].daemon_memory_bytes
         if served and min(served) < size:
-            notes.append(f"{name}: some repetitions were partly served by the page cache")
+            notes.append(
+                f"{name}: some reads were partly served by the page cache "
+                "(memcachefs pushes cached blocks into it on open, unless --no-page-cache-push)"
+            )
     for name in ("memcachefs_repeat", "memcachefs_repeat_steady"):
         served = scenarios[name].daemon_memory_bytes
         if served and max(served) > 0:
@@ -331,6 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "global_drop_caches": global_drop,
         "smoke": args.smoke,
         "machine": common.machine_description(),
+        "code": common.code_version(),
         "load_average_end": common.load_average(),
         "memcachefs_stats_end": stats,
         "notes": notes,
@@ -359,6 +363,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `python benchmarks/{result['command']}`",
         "",
         f"Machine: {common.describe_machine_line(machine)}.",
+        common.describe_code_line(result["code"]),
         f"File: {result['size_bytes'] / GiB:.2f} GiB, read sequentially with "
         f"{result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "
         f"{result['read_ahead_kb']} KiB; {result['repeat']} repetitions per scenario, "

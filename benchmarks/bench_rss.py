@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "benchmark": "bench_rss",
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "machine": common.machine_description(),
+        "code": common.code_version(),
         "load_average_start": load_start,
         "load_average_end": common.load_average(),
         "capacity_bytes": capacity,
@@ -249,6 +250,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"the readers started: {', '.join(f'{x:.2f}' for x in result['load_average_start'])}, "
         f"at the end (16 readers included): "
         f"{', '.join(f'{x:.2f}' for x in result['load_average_end'])}.",
+        common.describe_code_line(result["code"]),
         "",
         "| | |",
         "|---|---|",

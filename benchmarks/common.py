@@ -202,6 +202,28 @@ def proc_status_bytes_meminfo(key: str) -> int:
     raise KeyError(key)
 
 
+def code_version() -> dict[str, Any]:
+    """The commit benchmarked, and the files of src/ that differ from it (if any)."""
+    info: dict[str, Any] = {"commit": None, "uncommitted_src": []}
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        info["commit"] = _git("rev-parse", "--short", "HEAD").strip() or None
+        out = _git("status", "--porcelain", "--", "src")
+        info["uncommitted_src"] = [line[3:] for line in out.splitlines() if line.strip()]
+    return info
+
+
+def _git(*args: str) -> str:
+    command = ["git", "-C", str(REPO), *args]
+    return subprocess.run(command, capture_output=True, text=True, check=False, timeout=10).stdout
+
+
+def describe_code_line(info: dict[str, Any]) -> str:
+    line = f"Code: commit {info.get('commit') or '?'}"
+    if info.get("uncommitted_src"):
+        line += " plus uncommitted changes to " + ", ".join(info["uncommitted_src"])
+    return line + "."
+
+
 def describe_machine_line(info: dict[str, Any]) -> str:
     return (
         f"{info.get('model_name', platform.processor() or '?')}, {info.get('cpus')} CPUs, "
