@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="parallel block reads from the source (default 8)",
     )
     mount.add_argument(
+        "--no-page-cache-push",
+        action="store_true",
+        help="do not copy a file's cached blocks into the kernel page cache when it "
+        "is opened (saves CPU and page cache; reads then go through the daemon)",
+    )
+    mount.add_argument(
         "--allow-other",
         action="store_true",
         help="let other users access the mount (needs user_allow_other "
@@ -206,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
                 block_size_bytes=block_size,
                 read_ahead_blocks=args.read_ahead,
                 source_threads=args.source_threads,
+                push_page_cache=not args.no_page_cache_push,
             ),
             cluster=cluster_from_args(args),
             attr_timeout_s=args.attr_timeout,
@@ -397,6 +404,8 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
         "--shutdown-grace",
         str(args.shutdown_grace),
     ]
+    if args.no_page_cache_push:
+        argv.append("--no-page-cache-push")
     if args.allow_other:
         argv.append("--allow-other")
     if args.listen:

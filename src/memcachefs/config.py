@@ -76,7 +76,7 @@ class CacheConfig(BaseModel):
     read_ahead_blocks: Annotated[int, Field(ge=0, le=256)] = 4
     source_threads: Annotated[int, Field(ge=1, le=256)] = 8
     metadata_threads: Annotated[int, Field(ge=1, le=256)] = 8
-    push_page_cache: bool = False
+    push_page_cache: bool = True
 
     @model_validator(mode="after")
     def _capacity_holds_a_block(self) -> CacheConfig:

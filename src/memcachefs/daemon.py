@@ -97,6 +97,7 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                     attr_timeout_s=config.attr_timeout_s,
                     statistics=statistics,
                     nursery=nursery,
+                    push_page_cache=cache.push_page_cache,
                 )
                 components: list[tuple[str, HasStatistics]] = [
                     ("store", store),
@@ -104,6 +105,7 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                     ("source", source),
                     ("metadata", metadata),
                     ("fs", fs),
+                    *([("page_cache", fs.pusher)] if fs.pusher is not None else []),
                 ]
                 peer_server, client = await _start_cluster(
                     cluster, loader, listeners, nursery, components
@@ -116,6 +118,10 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                     nursery.start_soon(_stop_on_signal, fs, config.shutdown_grace_s, peer_server)
                     await pyfuse3.main()
                 finally:
+                    if fs.pusher is not None:
+                        # No thread may store pages once the FUSE session is closed.
+                        with trio.CancelScope(shield=True):
+                            await fs.pusher.stop_all()
                     still_mounted = mounts.find_mount(config.mountpoint) is not None
                     pyfuse3.close(unmount=still_mounted)
                     nursery.cancel_scope.cancel()

@@ -27,6 +27,7 @@ from memcachefs.inodes import InodeTable
 from memcachefs.keys import BlockKey, FileVersion, block_span
 from memcachefs.loader import Loader
 from memcachefs.metadata import MetadataCache
+from memcachefs.pagecache import PageCachePusher
 from memcachefs.source import Source, version_of
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,16 @@ class Filesystem(pyfuse3.Operations):
         statistics: Callable[[], dict[str, Any]] | None = None,
         readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] | None = None,
         nursery: trio.Nursery | None = None,
+        push_page_cache: bool = False,
     ) -> None:
         super().__init__()
+        self.pusher: PageCachePusher | None = None
+        if push_page_cache:
+            if nursery is None:
+                raise ValueError("pushing into the page cache needs a nursery")
+            self.pusher = PageCachePusher(
+                loader.store, nursery, reader_position=self.reader_position
+            )
         self._source = source
         self._metadata = metadata
         self._loader = loader
@@ -250,14 +259,33 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         relpath = self._path(inode)
         version, pinned = await self._pin(relpath)
+        same_size = True
         if pinned:
             st = await self._metadata.lstat(relpath)
             if version_of(relpath, st) != version:  # changed within the TTL: learn it now
                 self._metadata.forget(relpath)
+                same_size = st.st_size == version.size
         same_as_before = self._opened_versions.get(inode) == version
         self._opened_versions[inode] = version
+        if self.pusher is not None:
+            await self._push_page_cache(inode, version, kernel_knows_size=not pinned or same_size)
         fh = self._new_handle(self._files, OpenFile(inode, version, pinned))
         return pyfuse3.FileInfo(fh=fh, keep_cache=same_as_before)
+
+    def reader_position(self, inode: int) -> int:
+        """The furthest block an open handle of `inode` has read (-1: none yet)."""
+        return max((h.last_index for h in self._files.values() if h.inode == inode), default=-1)
+
+    async def _push_page_cache(
+        self, inode: int, version: FileVersion, *, kernel_knows_size: bool
+    ) -> None:
+        assert self.pusher is not None
+        pushing = self.pusher.pushing(inode)
+        if pushing is not None and pushing != version:
+            # This open drops the inode's pages: no old page may be stored after it.
+            await self.pusher.stop(inode)
+        if kernel_knows_size:  # a store past the size the kernel knows would extend the file
+            self.pusher.push(inode, version)
 
     async def _pin(self, relpath: bytes) -> tuple[FileVersion, bool]:
         """Open the source file and pin its version; (version, pinned).

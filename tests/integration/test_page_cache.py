@@ -8,7 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
-from support import wait_until
+from support import drop_page_cache, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -83,3 +83,43 @@ def test_rewritten_in_place_is_read_fresh_after_the_ttl(
     os.utime(source_file, ns=(3 * 10**18, 3 * 10**18))
     wait_until(lambda: os.stat(path).st_mtime_ns == 3 * 10**18, "the new mtime")
     assert path.read_bytes() == new
+
+
+def test_open_pushes_cached_blocks_into_the_page_cache(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    payload = random.Random(4).randbytes(8 * MiB + 123)  # a short last block
+    (memcachefs_source / "model.bin").write_bytes(payload)
+    fs = memcachefs_mount(memcachefs_source, capacity="32M", args=["--block-size", "1M"])
+    path = fs.path / "model.bin"
+    assert path.read_bytes() == payload
+    drop_page_cache(path)
+
+    with path.open("rb") as f:  # an open of a file held in memory starts the push
+        wait_until(
+            lambda: fs.stats()["page_cache_pushed_bytes"] == len(payload), "the push to finish"
+        )
+        before = _lookups(fs)
+        assert f.read() == payload
+    assert os.stat(path).st_size == len(payload)  # never stored past the end
+    # Every page was already there: the daemon was not asked for any block.
+    assert _lookups(fs) == before
+
+
+def test_without_push_a_cold_page_cache_reads_through_the_daemon(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    payload = random.Random(5).randbytes(4 * MiB)
+    (memcachefs_source / "model.bin").write_bytes(payload)
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="32M",
+        args=["--block-size", "1M", "--no-page-cache-push"],
+    )
+    path = fs.path / "model.bin"
+    assert path.read_bytes() == payload
+    drop_page_cache(path)
+    before = _lookups(fs)
+    assert path.read_bytes() == payload
+    assert _lookups(fs) - before >= 4
+    assert "page_cache_pushed_bytes" not in fs.stats()

@@ -1,0 +1,153 @@
+"""Push cached blocks into the kernel page cache, so reads never reach the daemon.
+
+A READ answered by the daemon costs a round trip through FUSE (~2 GB/s here);
+a page already in the kernel's page cache is read at memory speed, and an mmap
+fault on it needs no READ at all. When a file whose blocks are in memory is
+opened, its blocks are pushed with `pyfuse3.notify_store` from a worker thread
+(it releases the GIL), in file order, while the reader starts reading.
+
+Rules that keep it correct:
+- Only blocks of the version the handle pinned, and never past that version's
+  size (a store beyond the end would extend the file in the kernel).
+- A push is stopped, and waited for, before an open of another version of the
+  file is answered: that open makes the kernel drop the inode's pages, and no
+  page of the old version may be stored after that.
+- Every block is pinned while a thread copies it, so its buffer is not reused.
+- Pages may be reclaimed by the kernel at any time: READ keeps working.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyfuse3
+import trio
+
+from memcachefs.blockstore import BlockStore
+from memcachefs.keys import BlockKey, FileVersion
+
+log = logging.getLogger(__name__)
+
+# pyfuse3 accepts any contiguous buffer (its stub says bytes): a memoryview avoids a copy.
+NotifyStore = Callable[[int, int, Any], None]
+
+
+@dataclass(frozen=True)
+class PageCacheStatistics:
+    page_cache_pushes: int  # files whose cached blocks were pushed on open
+    page_cache_pushed_bytes: int
+    page_cache_push_errors: int
+
+
+class _Push:
+    __slots__ = ("done", "scope", "version")
+
+    def __init__(self, version: FileVersion) -> None:
+        self.version = version
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+
+
+class PageCachePusher:
+    def __init__(
+        self,
+        store: BlockStore,
+        nursery: trio.Nursery,
+        notify_store: NotifyStore = pyfuse3.notify_store,
+        reader_position: Callable[[int], int] = lambda inode: -1,
+    ) -> None:
+        self._store = store
+        self._reader_position = reader_position
+        self._nursery = nursery
+        self._notify_store = notify_store
+        # One thread: a push competes for the CPU with the reader it helps.
+        self._limiter = trio.CapacityLimiter(1)
+        self._pushes: dict[int, _Push] = {}
+        self._files_pushed = 0
+        self._bytes = 0
+        self._errors = 0
+
+    def push(self, inode: int, version: FileVersion) -> None:
+        """Start pushing the cached blocks of `version` for `inode` (no wait)."""
+        running = self._pushes.get(inode)
+        if running is not None and running.version == version:
+            return
+        if running is not None:
+            raise RuntimeError("stop() the push of the other version first")
+        if not self._any_cached(version):
+            return
+        push = self._pushes[inode] = _Push(version)
+        self._files_pushed += 1
+        self._nursery.start_soon(self._run, inode, push)
+
+    async def stop(self, inode: int) -> None:
+        """Stop a push for `inode` and wait until no thread stores its pages."""
+        push = self._pushes.get(inode)
+        if push is None:
+            return
+        push.scope.cancel()
+        await push.done.wait()
+
+    async def stop_all(self) -> None:
+        """Stop every push and wait for the threads (before the FUSE session closes)."""
+        for inode in list(self._pushes):
+            await self.stop(inode)
+
+    def pushing(self, inode: int) -> FileVersion | None:
+        push = self._pushes.get(inode)
+        return None if push is None else push.version
+
+    def _any_cached(self, version: FileVersion) -> bool:
+        block_size = self._store.block_size_bytes
+        return any(
+            BlockKey(version, index) in self._store
+            for index in range(version.block_count(block_size))
+        )
+
+    async def _run(self, inode: int, push: _Push) -> None:
+        version = push.version
+        block_size = self._store.block_size_bytes
+        try:
+            with push.scope:
+                for index in range(version.block_count(block_size)):
+                    # Stay ahead of a reader: the blocks it read, and the one it reads
+                    # next, are answered by READ anyway.
+                    position = self._reader_position(inode)
+                    if index <= position or (position >= 0 and index == position + 1):
+                        continue
+                    block = self._store.get(BlockKey(version, index))
+                    if block is None:
+                        continue
+                    length = min(block.length, version.size - index * block_size)
+                    block.pins += 1
+                    try:
+                        # Not abandonable: stop() must know when the thread is done.
+                        await trio.to_thread.run_sync(
+                            self._notify_store,
+                            inode,
+                            index * block_size,
+                            block.view[:length],
+                            limiter=self._limiter,
+                        )
+                    finally:
+                        block.pins -= 1
+                    self._bytes += length
+        except OSError as error:
+            # ENOENT: the kernel forgot the inode; nothing to push into.
+            if error.errno != errno.ENOENT:
+                self._errors += 1
+                log.info("page cache push for inode %d stopped: %s", inode, error)
+        finally:
+            del self._pushes[inode]
+            push.done.set()
+
+    def statistics(self) -> PageCacheStatistics:
+        return PageCacheStatistics(
+            page_cache_pushes=self._files_pushed,
+            page_cache_pushed_bytes=self._bytes,
+            page_cache_push_errors=self._errors,
+        )

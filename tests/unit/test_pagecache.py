@@ -1,0 +1,163 @@
+"""Pushing cached blocks into the kernel page cache (notify_store replaced by a recorder)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import trio
+
+from memcachefs.blockstore import BlockStore
+from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.pagecache import PageCachePusher
+
+BS = 64 * 1024
+
+
+class Kernel:
+    """Records notify_store calls; can hold a call until released (runs in a thread)."""
+
+    def __init__(self) -> None:
+        self.stores: list[tuple[int, int, bytes]] = []
+        self.hold = threading.Event()
+        self.hold.set()
+        self.entered = threading.Event()
+        self.error: OSError | None = None
+
+    def notify_store(self, inode: int, offset: int, data: memoryview) -> None:
+        self.entered.set()
+        self.hold.wait(10)
+        if self.error is not None:
+            raise self.error
+        self.stores.append((inode, offset, bytes(data)))
+
+
+def fill(store: BlockStore, version: FileVersion, data: bytes, indices: range) -> None:
+    for index in indices:
+        chunk = data[index * BS : (index + 1) * BS]
+        buffer = store.try_allocate(len(chunk))
+        assert buffer is not None
+        buffer[: len(chunk)] = chunk
+        store.put(BlockKey(version, index), buffer, len(chunk), 0)
+
+
+async def wait_for(condition, what: str) -> None:
+    with trio.fail_after(10):
+        while not condition():  # noqa: ASYNC110 (set from a worker thread's result)
+            await trio.sleep(0.001)
+
+
+async def test_pushes_every_cached_block_in_order_and_never_past_the_end() -> None:
+    data = bytes(range(256)) * (3 * BS // 256) + b"tail"
+    version = FileVersion(b"model.bin", len(data), 1)
+    store = BlockStore(8 * BS, BS)
+    fill(store, version, data, range(4))
+    kernel = Kernel()
+    async with trio.open_nursery() as nursery:
+        pusher = PageCachePusher(store, nursery, notify_store=kernel.notify_store)
+        pusher.push(7, version)
+        await wait_for(lambda: pusher.pushing(7) is None, "the push to finish")
+    assert [offset for _, offset, _ in kernel.stores] == [0, BS, 2 * BS, 3 * BS]
+    assert b"".join(chunk for _, _, chunk in kernel.stores) == data
+    assert all(inode == 7 for inode, _, _ in kernel.stores)
+    assert pusher.statistics().page_cache_pushed_bytes == len(data)
+
+
+async def test_skips_blocks_not_in_memory_and_files_with_none() -> None:
+    data = bytes(4 * BS)
+    version = FileVersion(b"a", len(data), 1)
+    store = BlockStore(8 * BS, BS)
+    fill(store, version, data, range(1, 2))
+    kernel = Kernel()
+    async with trio.open_nursery() as nursery:
+        pusher = PageCachePusher(store, nursery, notify_store=kernel.notify_store)
+        pusher.push(2, FileVersion(b"not-cached", len(data), 1))
+        assert pusher.pushing(2) is None
+        pusher.push(3, version)
+        await wait_for(lambda: pusher.pushing(3) is None, "the push to finish")
+    assert [offset for _, offset, _ in kernel.stores] == [BS]
+    assert pusher.statistics().page_cache_pushes == 1
+
+
+async def test_stays_ahead_of_the_reader() -> None:
+    data = bytes(6 * BS)
+    version = FileVersion(b"a", len(data), 1)
+    store = BlockStore(8 * BS, BS)
+    fill(store, version, data, range(6))
+    kernel = Kernel()
+    async with trio.open_nursery() as nursery:
+        pusher = PageCachePusher(
+            store, nursery, notify_store=kernel.notify_store, reader_position=lambda inode: 2
+        )
+        pusher.push(1, version)
+        await wait_for(lambda: pusher.pushing(1) is None, "the push to finish")
+    # Blocks 0-2 were read already and block 3 is the reader's next READ.
+    assert [offset // BS for _, offset, _ in kernel.stores] == [4, 5]
+
+
+async def test_stop_waits_for_the_thread_and_no_store_follows() -> None:
+    data = bytes(4 * BS)
+    version = FileVersion(b"a", len(data), 1)
+    store = BlockStore(8 * BS, BS)
+    fill(store, version, data, range(4))
+    kernel = Kernel()
+    kernel.hold.clear()
+    async with trio.open_nursery() as nursery:
+        pusher = PageCachePusher(store, nursery, notify_store=kernel.notify_store)
+        pusher.push(1, version)
+        await trio.to_thread.run_sync(kernel.entered.wait, 10)
+        block = store.get(BlockKey(version, 0))
+        assert block is not None and block.pins == 1  # its buffer cannot be reused meanwhile
+        stopped = trio.Event()
+
+        async def stop() -> None:
+            await pusher.stop(1)
+            stopped.set()
+
+        nursery.start_soon(stop)
+        await trio.sleep(0.05)
+        assert not stopped.is_set()  # the thread is still inside notify_store
+        kernel.hold.set()
+        with trio.fail_after(10):
+            await stopped.wait()
+        assert block.pins == 0
+        count = len(kernel.stores)
+        await trio.sleep(0.05)
+    assert len(kernel.stores) == count == 1
+    assert pusher.pushing(1) is None
+
+
+async def test_a_push_of_another_version_needs_a_stop_first() -> None:
+    data = bytes(2 * BS)
+    old, new = FileVersion(b"a", len(data), 1), FileVersion(b"a", len(data), 2)
+    store = BlockStore(8 * BS, BS)
+    fill(store, old, data, range(2))
+    fill(store, new, data, range(2))
+    kernel = Kernel()
+    kernel.hold.clear()
+    async with trio.open_nursery() as nursery:
+        pusher = PageCachePusher(store, nursery, notify_store=kernel.notify_store)
+        pusher.push(1, old)
+        pusher.push(1, old)  # the same version again: one push
+        with pytest.raises(RuntimeError):
+            pusher.push(1, new)
+        kernel.hold.set()
+        await pusher.stop(1)
+        pusher.push(1, new)
+        await wait_for(lambda: pusher.pushing(1) is None, "the push to finish")
+    assert pusher.statistics().page_cache_pushes == 2
+
+
+async def test_a_forgotten_inode_ends_the_push_quietly() -> None:
+    data = bytes(3 * BS)
+    version = FileVersion(b"a", len(data), 1)
+    store = BlockStore(8 * BS, BS)
+    fill(store, version, data, range(3))
+    kernel = Kernel()
+    kernel.error = FileNotFoundError(2, "no such inode")
+    async with trio.open_nursery() as nursery:
+        pusher = PageCachePusher(store, nursery, notify_store=kernel.notify_store)
+        pusher.push(1, version)
+        await wait_for(lambda: pusher.pushing(1) is None, "the push to end")
+    assert kernel.stores == []
+    assert pusher.statistics().page_cache_push_errors == 0
