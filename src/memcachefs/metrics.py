@@ -98,6 +98,11 @@ def format_report(stats: dict[str, Any]) -> str:
         f"errors      {stats.get('source_errors', 0)} source, "
         f"{stats.get('stale_reads', 0)} stale, {stats.get('internal_errors', 0)} internal",
     ]
+    if "page_cache_pushed_bytes" in stats:
+        lines.append(
+            f"page cache  {format_size(stats['page_cache_pushed_bytes'])} pushed on "
+            f"{stats.get('page_cache_pushes', 0)} opens"
+        )
     if "peer_fetches" in stats:
         lines += _cluster_report(stats)
     return "\n".join(lines)
