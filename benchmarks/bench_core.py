@@ -149,6 +149,7 @@ def measure(
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     size = common.parse_size(args.size)
+    code = common.code_version()  # at the start: the daemons run the working tree
     global_drop = not args.smoke and common.is_root()
     work = Path(args.workdir).absolute()
     work.mkdir(parents=True, exist_ok=True)
@@ -322,7 +323,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
     for name in ("memcachefs_repeat", "memcachefs_repeat_steady"):
         served = scenarios[name].daemon_memory_bytes
-        if served and max(served) > 0:
+        if served and max(served) > size // 100:
             notes.append(f"{name}: some repetitions reached the daemon (page cache dropped)")
     return {
         "benchmark": "bench_core",
@@ -334,7 +335,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "global_drop_caches": global_drop,
         "smoke": args.smoke,
         "machine": common.machine_description(),
-        "code": common.code_version(),
+        "code": code,
+        "code_end": common.code_version(),
         "load_average_end": common.load_average(),
         "memcachefs_stats_end": stats,
         "notes": notes,
@@ -363,7 +365,14 @@ def markdown(result: dict[str, Any]) -> str:
         f"Command: `python benchmarks/{result['command']}`",
         "",
         f"Machine: {common.describe_machine_line(machine)}.",
-        common.describe_code_line(result["code"]),
+        common.describe_code_line(result["code"])
+        + (
+            " The code changed during the run (at the end: "
+            + common.describe_code_line(result["code_end"]).removeprefix("Code: ")
+            + ")"
+            if result.get("code_end") and result["code_end"] != result["code"]
+            else ""
+        ),
         f"File: {result['size_bytes'] / GiB:.2f} GiB, read sequentially with "
         f"{result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "
         f"{result['read_ahead_kb']} KiB; {result['repeat']} repetitions per scenario, "
