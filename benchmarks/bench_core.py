@@ -6,6 +6,7 @@ Scenarios (same file, same run; medians of --repeat repetitions):
   reference          benchmarks/reference_fs.py serving the file from one buffer,
                      cold kernel page cache: the pyfuse3 FUSE transport ceiling
   memcachefs_cached  memcachefs with every block in memory, cold kernel page cache
+  memcachefs_cached_nopush  the same, mounted with --no-page-cache-push
   memcachefs_repeat  memcachefs, the read right after the cached read: page cache
   memcachefs_repeat_steady  the read after that one (page cache, pages already active)
   source_raw         plain read of the source file (cold page cache where possible)
@@ -49,6 +50,7 @@ DESCRIPTIONS = {
     "tmpfs": "read of the file in tmpfs (/dev/shm)",
     "reference": "reference FUSE fs (one in-memory buffer), cold page cache",
     "memcachefs_cached": "memcachefs, all blocks in memory, cold page cache",
+    "memcachefs_cached_nopush": "the same with --no-page-cache-push (every byte a FUSE READ)",
     "memcachefs_repeat": "memcachefs, repeat read from the kernel page cache",
     "memcachefs_repeat_steady": "memcachefs, a further repeat read (page cache)",
     "source_raw": "raw read of the source file",
@@ -264,8 +266,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mcfs_file = cached.path / source_file.name
         warm = common.timed_read(mcfs_file, args.buffer)
         common.eprint(f"memcachefs warm-up read: {warm.gbps:.3f} GB/s")
-        if cached.stats()["used_bytes"] < size:
-            notes.append("warning: the warm-up did not leave the whole file in memory")
+        (work / "mcfs-nopush").mkdir(exist_ok=True)
+        nopush = mount(
+            source_dir,
+            work / "mcfs-nopush",
+            capacity=capacity,
+            args=[*mount_args, "--no-page-cache-push"],
+        )
+        mounts.append(nopush)
+        nopush_file = nopush.path / source_file.name
+        common.timed_read(nopush_file, args.buffer)
+        for daemon in (cached, nopush):
+            if daemon.stats()["used_bytes"] < size:
+                notes.append("warning: the warm-up did not leave the whole file in memory")
         for rep in range(args.repeat):
             common.eprint(f"cached {rep + 1}/{args.repeat} (load {common.load_average()})")
             measure(scenarios["tmpfs"], tmpfs_file, args.buffer)
@@ -284,6 +297,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 before=drop(mcfs_file),
                 pid=cached.pid,
                 served_by=daemon_bytes(cached.path),
+            )
+            measure(
+                scenarios["memcachefs_cached_nopush"],
+                nopush_file,
+                args.buffer,
+                before=drop(nopush_file),
+                pid=nopush.pid,
+                served_by=daemon_bytes(nopush.path),
             )
             measure(
                 scenarios["memcachefs_repeat"],
@@ -314,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if created_source_file is not None and not args.keep:
             created_source_file.unlink(missing_ok=True)
 
-    for name in ("reference", "memcachefs_cached"):
+    for name in ("reference", "memcachefs_cached", "memcachefs_cached_nopush"):
         served = scenarios[name].daemon_memory_bytes
         if served and min(served) < size:
             notes.append(
@@ -347,6 +368,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 # -- report ---------------------------------------------------------------------------
 GOALS = [
     ("memcachefs_cached", "reference", 0.9, "cached, cold page cache >= 0.9x reference FUSE"),
+    (
+        "memcachefs_cached_nopush",
+        "reference",
+        0.9,
+        "(the same without the page-cache push) >= 0.9x reference",
+    ),
     ("memcachefs_repeat", "tmpfs", 0.9, "repeat read >= 0.9x tmpfs"),
     ("memcachefs_cold", "source_raw", 0.9, "cold read >= 0.9x raw source read"),
 ]

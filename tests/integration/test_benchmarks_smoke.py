@@ -25,6 +25,7 @@ CORE_SCENARIOS = {
     "tmpfs",
     "reference",
     "memcachefs_cached",
+    "memcachefs_cached_nopush",
     "memcachefs_repeat",
     "memcachefs_repeat_steady",
     "source_raw",
