@@ -14,7 +14,13 @@ payload straight into the fill's buffer and verifies the key and the xxh3
 checksum. When this instance owns the block itself it asks the member ranked
 second (the owner before this instance joined) for the block *from memory
 only*, so an instance added to a warm cluster reads nothing from the source for
-blocks the others hold. Any failure is counted by kind and returns None (the
+blocks the others hold. The client also remembers, per file version, which
+members answered a hit for one of its blocks (a member that served one block of
+a file very likely holds the others): when such a holder has fewer of this
+client's requests in flight than the peer chosen above, it is asked first, from
+memory only; on its miss or failure the chosen peer is asked as usual, within
+the same deadline (at most one extra round trip). So a new instance reads from
+every warm peer, not only from the owners. Any failure is counted by kind and returns None (the
 loader reads the source); a failing peer is left out of the ring for a backoff
 that doubles with each failure (0.5 s up to 30 s), then probed by one request.
 Connections are kept alive in a pool per peer; a connection is used by one
@@ -33,12 +39,13 @@ from dataclasses import dataclass
 
 import trio
 import xxhash
+from cachetools import LRUCache
 
 from memcachefs import protocol
 from memcachefs.blockstore import Block
 from memcachefs.errors import PeerError, ReadError, StaleVersion
 from memcachefs.hashring import HashRing
-from memcachefs.keys import BlockKey
+from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership, split_member_id
 from memcachefs.protocol import (
@@ -61,6 +68,7 @@ BACKOFF_MAX_S = 30.0
 MAX_IDLE_CONNECTIONS_PER_PEER = 8
 THREADED_PAYLOAD_BYTES = 256 * 1024  # larger payloads are received in a worker thread
 PEER_THREADS = 8
+HOLDER_VERSIONS = 4096  # file versions whose holders a client remembers (LRU)
 ERROR_KINDS = ("timeout", "refused", "closed", "auth", "checksum", "version", "protocol", "remote")
 
 
@@ -342,6 +350,7 @@ class _Peer:
         self.failures = 0
         self.down_until = 0.0
         self.probing = False
+        self.in_flight = 0  # this client's requests to it now
 
     def is_down(self, now: float) -> bool:
         return self.failures > 0 and (now < self.down_until or self.probing)
@@ -364,6 +373,8 @@ class PeerClientStatistics:
     peer_errors_version: int
     peer_errors_protocol: int
     peer_errors_remote: int  # the peer answered that it could not produce the block
+    peer_holder_fetches: int  # requests to a known holder instead of the owner (memory only)
+    peer_holder_hits: int  # blocks a known holder served
     peers_down: int
     peer_connections_opened: int
 
@@ -389,6 +400,10 @@ class PeerClient:
         self._misses = 0
         self._errors = dict.fromkeys(ERROR_KINDS, 0)
         self._connections_opened = 0
+        self._holder_fetches = 0
+        self._holder_hits = 0
+        # file version -> members that answered a hit for one of its blocks
+        self._holders: LRUCache[FileVersion, set[str]] = LRUCache(maxsize=HOLDER_VERSIONS)
         self._limiter = trio.CapacityLimiter(PEER_THREADS)
 
     # -- choosing a peer -----------------------------------------------------------
@@ -424,31 +439,79 @@ class PeerClient:
             return self._peers[ranked[1]], True
         return None
 
+    def holder_for(self, key: BlockKey, chosen: _Peer) -> _Peer | None:
+        """A known holder of `key`'s file less loaded than `chosen`, to ask first; or None.
+
+        Load is this client's requests in flight to each peer; a tie goes to `chosen`.
+        """
+        holders = self._holders.get(key.version)
+        if not holders:
+            return None
+        now = trio.current_time()
+        best = chosen
+        for member in holders:
+            peer = self._peers.get(member)
+            if peer is not None and not peer.is_down(now) and peer.in_flight < best.in_flight:
+                best = peer
+        return best if best is not chosen else None
+
+    def _remember(self, version: FileVersion, member: str, *, holds: bool) -> None:
+        holders = self._holders.get(version)
+        if holds:
+            if holders is None:
+                self._holders[version] = {member}
+            else:
+                holders.add(member)
+        elif holders is not None:
+            holders.discard(member)
+
     # -- PeerFetcher ---------------------------------------------------------------
     async def fetch_into(self, key: BlockKey, buffer: memoryview) -> int | None:
         choice = self.choose(key)
         if choice is None:
             return None
         peer, memory_only = choice
+        deadline = trio.current_time() + self._timeout_s
+        holder = self.holder_for(key, peer)
+        if holder is not None:
+            # Ask the less loaded holder from memory; half the deadline, so the
+            # chosen peer still has time if the holder stalls.
+            self._holder_fetches += 1
+            checksum = await self._ask(
+                holder, key, buffer, memory_only=True, deadline=deadline - self._timeout_s / 2
+            )
+            if checksum is not None:
+                self._holder_hits += 1
+                return checksum
+        return await self._ask(peer, key, buffer, memory_only=memory_only, deadline=deadline)
+
+    async def _ask(
+        self, peer: _Peer, key: BlockKey, buffer: memoryview, *, memory_only: bool, deadline: float
+    ) -> int | None:
+        """One request to `peer` before `deadline`: the verified checksum, or None."""
         self._fetches += 1
+        peer.in_flight += 1
         probe = peer.failures > 0
         if probe:
             peer.probing = True
         try:
             checksum: int | None = None
-            with trio.move_on_after(self._timeout_s) as deadline:
+            with trio.move_on_at(deadline) as scope:
                 checksum = await self._fetch(peer, key, buffer, memory_only=memory_only)
-            if deadline.cancelled_caught:
+            if scope.cancelled_caught:
                 raise PeerError(f"no answer within {self._timeout_s}s", kind="timeout")
         except PeerError as error:
             self._errors[error.kind] += 1
+            self._remember(key.version, peer.member, holds=False)
             if error.kind != "remote":
                 self._mark_failed(peer, error)
             return None
         finally:
+            peer.in_flight -= 1
             if probe:
                 peer.probing = False
         self._mark_ok(peer)
+        self._remember(key.version, peer.member, holds=checksum is not None)
         if checksum is None:
             self._misses += 1
         return checksum
@@ -581,6 +644,8 @@ class PeerClient:
             peer_errors_version=errors["version"],
             peer_errors_protocol=errors["protocol"],
             peer_errors_remote=errors["remote"],
+            peer_holder_fetches=self._holder_fetches,
+            peer_holder_hits=self._holder_hits,
             peers_down=sum(peer.is_down(now) for peer in self._peers.values()),
             peer_connections_opened=self._connections_opened,
         )

@@ -214,3 +214,28 @@ def test_three_cold_instances_read_each_block_from_the_source_once(
     stats = [fs.stats() for fs in instances]
     assert sum(s["source_bytes"] for s in stats) == SIZE
     assert all(s["members"] == 2 for s in stats)
+
+
+def test_a_new_instance_reads_from_every_warm_peer(source: Path, memcachefs_mount) -> None:
+    block = ["--block-size", "1M"]  # 13 blocks: enough to spread over two holders
+    blocks = -(-SIZE // MiB)
+    expected = (source / "model.bin").read_bytes()
+    port_a, port_b = free_port(), free_port()
+    a = memcachefs_mount(source, capacity="64M", args=[*block, "--listen", addr(port_a)])
+    assert (a.path / "model.bin").read_bytes() == expected
+    b = memcachefs_mount(
+        source, capacity="64M", args=[*block, "--listen", addr(port_b), "--peer", addr(port_a)]
+    )
+    assert (b.path / "model.bin").read_bytes() == expected  # now A and B both hold it
+    assert a.stats()["source_bytes"] == SIZE and b.stats()["source_bytes"] == 0
+    served_before = a.stats()["blocks_served_to_peers"] + b.stats()["blocks_served_to_peers"]
+    c = memcachefs_mount(
+        source, capacity="64M", args=[*block, "--peer", addr(port_a), "--peer", addr(port_b)]
+    )
+    assert (c.path / "model.bin").read_bytes() == expected
+    stats = c.stats()
+    assert (stats["source_bytes"], stats["peer_bytes"], stats["peer_hits"]) == (0, SIZE, blocks)
+    assert 0 <= stats["peer_holder_hits"] <= stats["peer_holder_fetches"]
+    served = a.stats()["blocks_served_to_peers"] + b.stats()["blocks_served_to_peers"]
+    assert served - served_before == blocks
+    assert a.stats()["source_bytes"] == SIZE  # holders are asked from memory only

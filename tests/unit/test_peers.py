@@ -17,6 +17,7 @@ import xxhash
 from memcachefs import protocol
 from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig
+from memcachefs.hashring import HashRing
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
@@ -358,5 +359,116 @@ async def test_a_peer_is_asked_again_after_its_backoff(root: Path) -> None:
                 await trio.sleep(0.05)
         assert bytes(buffer) == (root / "model.bin").read_bytes()[BS : 2 * BS]
         assert client.statistics().peers_down == 0
+        client.close()
+        nursery.cancel_scope.cancel()
+
+
+# -- known holders -----------------------------------------------------------------
+
+
+def owned_by(member: str, members: list[str], keys: list[BlockKey]) -> list[BlockKey]:
+    ring = HashRing(members)
+    return [key for key in keys if ring.owner(key) == member]
+
+
+async def fetch_all(
+    client: PeerClient, keys: list[BlockKey]
+) -> dict[BlockKey, tuple[int | None, bytes]]:
+    """Fetch `keys` concurrently (as a reader's readahead does)."""
+    results: dict[BlockKey, tuple[int | None, bytes]] = {}
+
+    async def one(key: BlockKey) -> None:
+        buffer = memoryview(bytearray(key.length(BS)))
+        results[key] = (await client.fetch_into(key, buffer), bytes(buffer))
+
+    async with trio.open_nursery() as nursery:
+        for key in keys:
+            nursery.start_soon(one, key)
+    return results
+
+
+async def test_load_spreads_over_two_warm_holders(root: Path) -> None:
+    async with serving(root) as a, serving(root) as b:
+        file_version = version(root, b"many.bin")
+        keys = [BlockKey(file_version, i) for i in range(40)]
+        for served in (a, b):  # both hold the whole file
+            for key in keys:
+                await served.loader.block(key, BS)
+        members = [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+        client = await client_for(members)
+        # One block owned by each teaches the client that both hold this file.
+        await fetch_all(client, [owned_by(m, members, keys)[0] for m in members])
+        assert client.statistics().peer_holder_fetches == 0  # nothing known yet: the owners
+        served_before = [s.server.statistics().blocks_served_to_peers for s in (a, b)]
+        # Eight blocks owned by A at once: with one in flight to A, B is less loaded.
+        wanted = owned_by(members[0], members, keys)[1:9]
+        assert len(wanted) == 8, "40 blocks over 2 members: about 20 each"
+        results = await fetch_all(client, wanted)
+        data = (root / "many.bin").read_bytes()
+        for key, (checksum, payload) in results.items():
+            assert checksum is not None
+            assert payload == data[key.index * BS : (key.index + 1) * BS]
+        served_now = [s.server.statistics().blocks_served_to_peers for s in (a, b)]
+        from_a, from_b = (
+            now - before for now, before in zip(served_now, served_before, strict=True)
+        )
+        assert from_a + from_b == 8
+        assert from_a >= 1 and from_b >= 1, (from_a, from_b)
+        stats = client.statistics()
+        assert stats.peer_holder_hits == from_b == stats.peer_holder_fetches
+        assert a.loader.statistics().source_bytes == b.loader.statistics().source_bytes == 40 * BS
+        client.close()
+
+
+async def test_a_holder_that_misses_is_followed_by_the_owner(root: Path) -> None:
+    async with serving(root) as a, serving(root) as b:
+        file_version = version(root, b"many.bin")
+        keys = [BlockKey(file_version, i) for i in range(40)]
+        members = [f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"]
+        own_a, own_b = owned_by(members[0], members, keys), owned_by(members[1], members, keys)
+        await b.loader.block(own_b[0], BS)  # B holds one block of the file only
+        client = await client_for(members)
+        assert (await fetch_all(client, [own_b[0]]))[own_b[0]][0] is not None
+        # Two blocks owned by A at once: one of them goes to B first, which misses.
+        results = await fetch_all(client, own_a[:2])
+        data = (root / "many.bin").read_bytes()
+        for key, (checksum, payload) in results.items():
+            assert checksum is not None
+            assert payload == data[key.index * BS : (key.index + 1) * BS]
+        stats = client.statistics()
+        assert (stats.peer_holder_fetches, stats.peer_holder_hits) == (1, 0)
+        assert stats.peer_fetch_misses == 1
+        assert b.server.statistics().peer_misses_served == 1
+        assert b.loader.statistics().source_bytes == BS  # memory only: B filled nothing
+        assert a.server.statistics().blocks_served_to_peers == 2
+        assert stats.peers_down == 0
+        # B missed: it is no longer taken for a holder of this file.
+        assert client.holder_for(own_a[2], client.choose(own_a[2])[0]) is None  # type: ignore[index]
+        client.close()
+
+
+async def test_a_failing_holder_is_followed_by_the_owner(root: Path) -> None:
+    async with serving(root) as a, serving(root) as b, trio.open_nursery() as nursery:
+        proxy = FaultProxy(("127.0.0.1", b.port), mode="pass")
+        await nursery.start(proxy.run)
+        file_version = version(root, b"many.bin")
+        keys = [BlockKey(file_version, i) for i in range(40)]
+        members = [f"127.0.0.1:{a.port}", f"127.0.0.1:{proxy.port}"]
+        own_a, own_b = owned_by(members[0], members, keys), owned_by(members[1], members, keys)
+        for key in keys:
+            await b.loader.block(key, BS)
+        client = await client_for(members, timeout_s=2)
+        assert (await fetch_all(client, [own_b[0]]))[own_b[0]][0] is not None
+        proxy.mode = "drop"
+        results = await fetch_all(client, own_a[:2])
+        data = (root / "many.bin").read_bytes()
+        for key, (checksum, payload) in results.items():
+            assert checksum is not None
+            assert payload == data[key.index * BS : (key.index + 1) * BS]
+        stats = client.statistics()
+        assert (stats.peer_holder_fetches, stats.peer_holder_hits) == (1, 0)
+        assert stats.peer_errors_closed + stats.peer_errors_refused == 1
+        assert stats.peers_down == 1
+        assert a.server.statistics().blocks_served_to_peers == 2
         client.close()
         nursery.cancel_scope.cancel()
