@@ -203,6 +203,8 @@ def config_from_args(args: argparse.Namespace) -> MountConfig:
         if args.kernel_read_ahead.strip() == "0"
         else parse_size(args.kernel_read_ahead, "kernel read-ahead")
     )
+    if 0 < kernel_read_ahead < 4 * 1024:
+        raise ConfigError("--kernel-read-ahead: must be 0 (the kernel default) or at least 4K")
     try:
         return MountConfig(
             source=Path(args.source).absolute(),

@@ -68,6 +68,7 @@ def test_kernel_read_ahead_zero_means_kernel_default(dirs: tuple[Path, Path]) ->
         (["--capacity", "1G", "--source-threads", "0"], "--source-threads"),
         (["--capacity", "1G", "--attr-timeout", "-1"], "--attr-timeout"),
         (["--capacity", "1G", "--shutdown-grace", "-1"], "--shutdown-grace"),
+        (["--capacity", "1G", "--kernel-read-ahead", "512"], "--kernel-read-ahead"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_option(
