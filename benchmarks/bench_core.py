@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
-from common import GiB, MiB, Scenario
+from common import MiB, Scenario
 from memcachefs.testing.harness import MountedFS, fuse_available, mount
 
 HERE = Path(__file__).resolve().parent
@@ -402,7 +402,7 @@ def markdown(result: dict[str, Any]) -> str:
             if result.get("code_end") and result["code_end"] != result["code"]
             else ""
         ),
-        f"File: {result['size_bytes'] / GiB:.2f} GiB, read sequentially with "
+        f"File: {common.format_size(result['size_bytes'])}iB, read sequentially with "
         f"{result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "
         f"{result['read_ahead_kb']} KiB; {result['repeat']} repetitions per scenario, "
         "the two source scenarios first, then the others interleaved.",
@@ -495,7 +495,9 @@ def main() -> int:
         "--memcachefs-arg", action="append", default=[], help="extra mount option (repeatable)"
     )
     parser.add_argument("--json", type=Path, help="write every sample here")
-    parser.add_argument("--markdown", action="store_true", help="print the README results text")
+    parser.add_argument(
+        "--markdown", action="store_true", help="print the README results text (default: plain)"
+    )
     parser.add_argument("--png", type=Path, help="write a chart (needs the 'bench' extra)")
     parser.add_argument("--keep", action="store_true", help="keep a generated source file")
     parser.add_argument("--smoke", action="store_true", help="32 MiB, 1 repetition, no drop_caches")
@@ -516,7 +518,8 @@ def main() -> int:
         common.write_json(args.json, result)
     if args.png:
         chart(result, args.png)
-    print(markdown(result))
+    text = markdown(result)
+    print(text if args.markdown else common.plain_text(text))
     return 0
 
 

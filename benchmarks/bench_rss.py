@@ -273,6 +273,7 @@ def main() -> int:
     )
     parser.add_argument("--workdir", default="/var/tmp/memcachefs-bench", help="files, mounts")
     parser.add_argument("--json", type=Path, help="write the result and RSS samples here")
+    parser.add_argument("--markdown", action="store_true", help="print the README results text")
     parser.add_argument("--keep", action="store_true", help="keep the generated files")
     parser.add_argument("--smoke", action="store_true", help="capacity 16M, 4 files, 3 s")
     args = parser.parse_args()
@@ -286,7 +287,8 @@ def main() -> int:
         result = run(args)
     if args.json:
         common.write_json(args.json, result)
-    print(markdown(result))
+    text = markdown(result)
+    print(text if args.markdown else common.plain_text(text))
     return 0 if result["ok"] else 1
 
 

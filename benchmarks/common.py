@@ -280,6 +280,32 @@ class Scenario:
         return data
 
 
+def plain_text(markdown: str) -> str:
+    """Markdown tables as aligned plain-text columns (other lines unchanged)."""
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def flush() -> None:
+        if table:
+            widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+            out.extend(
+                "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                for row in table
+            )
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not all(set(c) <= {"-", ":"} for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        out.append(line.replace("`", ""))
+    flush()
+    return "\n".join(out)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".part")
