@@ -20,9 +20,11 @@ a file very likely holds the others): when such a holder has fewer of this
 client's requests in flight than the peer chosen above, it is asked first, from
 memory only; on its miss or failure the chosen peer is asked as usual, within
 the same deadline (at most one extra round trip). So a new instance reads from
-every warm peer, not only from the owners. Any failure is counted by kind and returns None (the
-loader reads the source); a failing peer is left out of the ring for a backoff
-that doubles with each failure (0.5 s up to 30 s), then probed by one request.
+every warm peer, not only from the owners. A holder that misses is not asked
+for that file again until it serves one of its blocks from memory. Any failure
+is counted by kind and returns None (the loader reads the source); a failing
+peer is left out of the ring for a backoff that doubles with each failure
+(0.5 s up to 30 s), then probed by one request.
 Connections are kept alive in a pool per peer; a connection is used by one
 task at a time.
 """
@@ -402,8 +404,9 @@ class PeerClient:
         self._connections_opened = 0
         self._holder_fetches = 0
         self._holder_hits = 0
-        # file version -> members that answered a hit for one of its blocks
-        self._holders: LRUCache[FileVersion, set[str]] = LRUCache(maxsize=HOLDER_VERSIONS)
+        # file version -> {member: True if it served a block of it, False if it then
+        # missed one asked from memory (after that only a hit from memory counts)}
+        self._holders: LRUCache[FileVersion, dict[str, bool]] = LRUCache(maxsize=HOLDER_VERSIONS)
         self._limiter = trio.CapacityLimiter(PEER_THREADS)
 
     # -- choosing a peer -----------------------------------------------------------
@@ -449,21 +452,38 @@ class PeerClient:
             return None
         now = trio.current_time()
         best = chosen
-        for member in holders:
+        for member, holds in holders.items():
             peer = self._peers.get(member)
-            if peer is not None and not peer.is_down(now) and peer.in_flight < best.in_flight:
+            if (
+                holds
+                and peer is not None
+                and not peer.is_down(now)
+                and peer.in_flight < best.in_flight
+            ):
                 best = peer
         return best if best is not chosen else None
 
-    def _remember(self, version: FileVersion, member: str, *, holds: bool) -> None:
+    def _remember(
+        self, version: FileVersion, member: str, *, hit: bool | None, memory_only: bool
+    ) -> None:
+        """Learn from an answer: a hit (True), a miss (False) or a failure (None).
+
+        A hit makes `member` a known holder of the file. A miss from memory
+        means it does not hold all of it: only another hit from memory makes it
+        a holder again, not a hit it filled from its source as the owner (so in
+        a cold start, where owners hold only what they fill, a member is asked
+        in vain at most once per file). A failure forgets it.
+        """
         holders = self._holders.get(version)
-        if holds:
-            if holders is None:
-                self._holders[version] = {member}
-            else:
-                holders.add(member)
-        elif holders is not None:
-            holders.discard(member)
+        if holders is None:
+            if hit:
+                self._holders[version] = {member: True}
+        elif hit is None:
+            holders.pop(member, None)
+        elif not hit:
+            holders[member] = False
+        elif memory_only or holders.get(member, True):
+            holders[member] = True
 
     # -- PeerFetcher ---------------------------------------------------------------
     async def fetch_into(self, key: BlockKey, buffer: memoryview) -> int | None:
@@ -502,7 +522,7 @@ class PeerClient:
                 raise PeerError(f"no answer within {self._timeout_s}s", kind="timeout")
         except PeerError as error:
             self._errors[error.kind] += 1
-            self._remember(key.version, peer.member, holds=False)
+            self._remember(key.version, peer.member, hit=None, memory_only=memory_only)
             if error.kind != "remote":
                 self._mark_failed(peer, error)
             return None
@@ -511,7 +531,7 @@ class PeerClient:
             if probe:
                 peer.probing = False
         self._mark_ok(peer)
-        self._remember(key.version, peer.member, holds=checksum is not None)
+        self._remember(key.version, peer.member, hit=checksum is not None, memory_only=memory_only)
         if checksum is None:
             self._misses += 1
         return checksum

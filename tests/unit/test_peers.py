@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -387,6 +388,14 @@ async def fetch_all(
     return results
 
 
+def a_peer(client: PeerClient, member: str) -> Any:
+    choice = client.choose(BlockKey(FileVersion(b"f", BS, 1), 0))
+    assert choice is not None
+    peer = client._peers[member]
+    peer.in_flight = 1  # as if it were busy: any known holder is less loaded
+    return peer
+
+
 async def test_load_spreads_over_two_warm_holders(root: Path) -> None:
     async with serving(root) as a, serving(root) as b:
         file_version = version(root, b"many.bin")
@@ -442,8 +451,17 @@ async def test_a_holder_that_misses_is_followed_by_the_owner(root: Path) -> None
         assert b.loader.statistics().source_bytes == BS  # memory only: B filled nothing
         assert a.server.statistics().blocks_served_to_peers == 2
         assert stats.peers_down == 0
-        # B missed: it is no longer taken for a holder of this file.
-        assert client.holder_for(own_a[2], client.choose(own_a[2])[0]) is None  # type: ignore[index]
+        # B missed: it is no longer taken for a holder of this file, not even
+        # after serving a block it filled from its source as the owner...
+        assert (await fetch_all(client, [own_b[1]]))[own_b[1]][0] is not None
+        assert b.loader.statistics().source_bytes == 2 * BS
+        results = await fetch_all(client, own_a[2:4])
+        assert all(checksum is not None for checksum, _ in results.values())
+        assert client.statistics().peer_holder_fetches == 1  # B not asked again
+        # ...only after a hit from its memory.
+        assert client.holder_for(own_a[4], a_peer(client, members[0])) is None
+        client._remember(file_version, members[1], hit=True, memory_only=True)
+        assert client.holder_for(own_a[4], a_peer(client, members[0])) is not None
         client.close()
 
 
