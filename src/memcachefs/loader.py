@@ -15,7 +15,7 @@ from typing import Protocol
 
 import trio
 
-from memcachefs.blockstore import Block, BlockStore
+from memcachefs.blockstore import Block, BlockStore, Buffer
 from memcachefs.errors import ReadError, SourceError
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.singleflight import SingleFlight
@@ -162,7 +162,7 @@ class Loader:
         self._wake_reservers()
         return block
 
-    async def _reserve(self, length: int) -> bytearray:
+    async def _reserve(self, length: int) -> Buffer:
         while (buffer := self.store.try_allocate(length)) is None:
             await self._space_freed.wait()
         return buffer

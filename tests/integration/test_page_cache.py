@@ -102,8 +102,9 @@ def test_open_pushes_cached_blocks_into_the_page_cache(
         before = _lookups(fs)
         assert f.read() == payload
     assert os.stat(path).st_size == len(payload)  # never stored past the end
-    # Every page was already there: the daemon was not asked for any block.
-    assert _lookups(fs) == before
+    # The pages were already there: the daemon was asked for (almost) no block.
+    # (The kernel may reclaim page cache at any time, so allow a stray READ.)
+    assert _lookups(fs) - before <= 2
 
 
 def test_without_push_a_cold_page_cache_reads_through_the_daemon(
