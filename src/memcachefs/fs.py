@@ -177,7 +177,7 @@ class Filesystem(pyfuse3.Operations):
         else:
             relpath = self._child(parent_inode, name)
         st = await self._metadata.lstat(relpath)
-        inode = self.inodes.inode(relpath)
+        inode = self.inodes.inode(relpath, st)
         self.inodes.looked_up(inode)
         return self._entry(inode, st)
 
@@ -195,6 +195,10 @@ class Filesystem(pyfuse3.Operations):
             if pinned is None:
                 raise
             st = pinned
+        if not self.inodes.is_current(inode, st):
+            # The path holds another version now; this inode stays the old one
+            # (its open handles read it), with the old size and mtime.
+            st = self.inodes.attributes(inode) or st
         return self._entry(inode, st)
 
     async def _pinned_attributes(self, inode: int) -> os.stat_result | None:
@@ -241,7 +245,7 @@ class Filesystem(pyfuse3.Operations):
         prefix = handle.relpath + b"/" if handle.relpath else b""
         for position in range(start_id, len(handle.entries)):
             name, st = handle.entries[position]
-            inode = self.inodes.inode(prefix + name)
+            inode = self.inodes.inode(prefix + name, st)
             if not self._readdir_reply(token, name, self._entry(inode, st), position + 1):
                 break
             self.inodes.looked_up(inode)
@@ -259,6 +263,15 @@ class Filesystem(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         relpath = self._path(inode)
         version, pinned = await self._pin(relpath)
+        known = self.inodes.attributes(inode)
+        if known is not None and version_of(relpath, known) != version:
+            # The source file is another version than this inode: ESTALE makes
+            # the kernel look the name up again (fresh attributes, a new inode)
+            # and retry the open there.
+            if pinned:
+                self._source.release(version)
+            self._metadata.forget(relpath)
+            raise pyfuse3.FUSEError(errno.ESTALE)
         same_size = True
         if pinned:
             st = await self._metadata.lstat(relpath)

@@ -206,12 +206,9 @@ def test_replaced_by_a_smaller_file_open_handle_reads_only_old_bytes(setup) -> N
     assert path.read_bytes() == NEW[: SIZE // 4]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: the kernel keeps one size per inode, so once it learns "
-    "the new (smaller) size, an old handle's reads stop there instead of at its own end",
-)
 def test_replaced_by_a_smaller_file_open_handle_reads_to_its_end(setup) -> None:
+    # Each version of a file is its own inode, so the kernel keeps the old size
+    # for the old handle while new opens see the new one.
     fs, source_file = setup
     path = fs.path / "model.bin"
     fd = _open_and_cache_first_block(path)
@@ -222,3 +219,21 @@ def test_replaced_by_a_smaller_file_open_handle_reads_to_its_end(setup) -> None:
     finally:
         os.close(fd)
     assert blocks == [OLD[:BLOCK]] * 16
+
+
+def test_old_handle_never_reads_the_new_versions_pages(setup) -> None:
+    """A new open reads the new version into the page cache while an old handle is
+    open: the old handle, reading through the page cache, still gets only old bytes
+    (each version has its own inode, hence its own page cache)."""
+    fs, source_file = setup
+    path = fs.path / "model.bin"
+    old_fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(old_fd, 4096, 0) == OLD[:4096]
+        _replace(source_file)
+        _wait_for_new_version(path)
+        assert path.read_bytes() == NEW  # the new version, now in the page cache
+        assert os.pread(old_fd, SIZE, 0) == OLD
+        assert os.fstat(old_fd).st_size == SIZE
+    finally:
+        os.close(old_fd)

@@ -459,12 +459,18 @@ async def test_keep_cache_only_on_a_reopen_of_the_same_version(served: Served) -
     await served.fs.release(second.fh)
     path.write_bytes(b"version two, longer")
     served.clock.now += TTL_S
-    changed = await served.fs.open(inode, os.O_RDONLY)
-    assert changed.keep_cache is False  # the kernel must drop the old pages
+    # The old inode is the old version: an open of it is ESTALE, which makes the
+    # kernel look the name up again and open the new version's inode.
+    await expect_errno(errno.ESTALE, served.fs.open(inode, os.O_RDONLY))
+    assert (await served.fs.getattr(inode)).st_size == len(b"version one")
+    new_inode = await served.inode("f")
+    assert new_inode != inode
+    changed = await served.fs.open(new_inode, os.O_RDONLY)
+    assert changed.keep_cache is False
     assert bytes(await served.fs.read(changed.fh, 0, 100)) == b"version two, longer"
-    again = await served.fs.open(inode, os.O_RDONLY)
+    again = await served.fs.open(new_inode, os.O_RDONLY)
     assert again.keep_cache is True
-    assert (await served.fs.getattr(inode)).st_size == len(b"version two, longer")
+    assert (await served.fs.getattr(new_inode)).st_size == len(b"version two, longer")
 
 
 async def test_open_on_a_stalled_source_serves_cached_blocks_unpinned(
