@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import trio
+import trio.testing
 
 from memcachefs.blockstore import BlockStore
 from memcachefs.keys import BlockKey, FileVersion
@@ -115,15 +116,14 @@ async def test_stop_waits_for_the_thread_and_no_store_follows() -> None:
             stopped.set()
 
         nursery.start_soon(stop)
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert not stopped.is_set()  # the thread is still inside notify_store
         kernel.hold.set()
         with trio.fail_after(10):
             await stopped.wait()
         assert block.pins == 0
-        count = len(kernel.stores)
-        await trio.sleep(0.05)
-    assert len(kernel.stores) == count == 1
+    # The nursery has ended: every task and thread is done, and none stored more.
+    assert len(kernel.stores) == 1
     assert pusher.pushing(1) is None
 
 
