@@ -138,9 +138,6 @@ class Filesystem(pyfuse3.Operations):
         self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
         self._next_handle = 1
-        # The version each inode was last opened at: an open of another version
-        # tells the kernel to drop its page cache for the inode.
-        self._opened_versions: dict[int, FileVersion] = {}
         self.requests_in_flight = 0
         self.internal_errors = 0
         self.unpinned_opens = 0
@@ -272,33 +269,16 @@ class Filesystem(pyfuse3.Operations):
                 self._source.release(version)
             self._metadata.forget(relpath)
             raise pyfuse3.FUSEError(errno.ESTALE)
-        same_size = True
-        if pinned:
-            st = await self._metadata.lstat(relpath)
-            if version_of(relpath, st) != version:  # changed within the TTL: learn it now
-                self._metadata.forget(relpath)
-                same_size = st.st_size == version.size
-        same_as_before = self._opened_versions.get(inode) == version
-        self._opened_versions[inode] = version
-        if self.pusher is not None:
-            await self._push_page_cache(inode, version, kernel_knows_size=not pinned or same_size)
+        # The kernel has this version's attributes (its size) for this inode,
+        # and the inode never holds another version: its pages stay valid.
+        if self.pusher is not None and known is not None:
+            self.pusher.push(inode, version)
         fh = self._new_handle(self._files, OpenFile(inode, version, pinned))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=same_as_before)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def reader_position(self, inode: int) -> int:
         """The furthest block an open handle of `inode` has read (-1: none yet)."""
         return max((h.last_index for h in self._files.values() if h.inode == inode), default=-1)
-
-    async def _push_page_cache(
-        self, inode: int, version: FileVersion, *, kernel_knows_size: bool
-    ) -> None:
-        assert self.pusher is not None
-        pushing = self.pusher.pushing(inode)
-        if pushing is not None and pushing != version:
-            # This open drops the inode's pages: no old page may be stored after it.
-            await self.pusher.stop(inode)
-        if kernel_knows_size:  # a store past the size the kernel knows would extend the file
-            self.pusher.push(inode, version)
 
     async def _pin(self, relpath: bytes) -> tuple[FileVersion, bool]:
         """Open the source file and pin its version; (version, pinned).

@@ -9,9 +9,8 @@ opened, its blocks are pushed with `pyfuse3.notify_store` from a worker thread
 Rules that keep it correct:
 - Only blocks of the version the handle pinned, and never past that version's
   size (a store beyond the end would extend the file in the kernel).
-- A push is stopped, and waited for, before an open of another version of the
-  file is answered: that open makes the kernel drop the inode's pages, and no
-  page of the old version may be stored after that.
+- An inode only ever holds one version of a file (inodes.py gives a new
+  version a new inode), so pages pushed for it are never another version's.
 - Every block is pinned while a thread copies it, so its buffer is not reused.
 - Pages may be reclaimed by the kernel at any time: READ keeps working.
 """
