@@ -27,7 +27,6 @@ from memcachefs.config import (
     ClusterConfig,
     MountConfig,
     format_size,
-    is_loopback_host,
     parse_host_port,
     parse_size,
 )
@@ -262,11 +261,6 @@ def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
         except OSError as error:
             raise ConfigError(f"--peers-file {args.peers_file}: {error.strerror}") from None
     secret = read_secret(Path(args.cluster_secret_file)) if args.cluster_secret_file else None
-    if listen is not None and secret is None and not is_loopback_host(listen[0]):
-        raise ConfigError(
-            f"--listen {args.listen}: a non-loopback address needs --cluster-secret-file "
-            "(peers must authenticate)"
-        )
     return ClusterConfig(
         listen=listen,
         peers=peers,

@@ -111,7 +111,7 @@ class ClusterConfig(BaseModel):
     def _non_loopback_needs_a_secret(self) -> ClusterConfig:
         if self.listen is not None and not self.secret and not is_loopback_host(self.listen[0]):
             raise ValueError(
-                f"listening on the non-loopback address {self.listen[0]} needs "
+                f"--listen {self.listen[0]}:{self.listen[1]}: a non-loopback address needs "
                 "--cluster-secret-file (peers must authenticate)"
             )
         if self.listen is not None and self.listen[1] == 0:
