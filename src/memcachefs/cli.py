@@ -15,21 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import pydantic
-
 from memcachefs import __version__, mounts
-from memcachefs.config import (
-    CacheConfig,
-    ClusterConfig,
-    MountConfig,
-    format_size,
-    parse_host_port,
-    parse_size,
-)
+from memcachefs.config import OPTIONS, MountConfig, OptionField, format_size, load_config
 from memcachefs.errors import ConfigError, MemcachefsError
 
 EXIT_OK = 0
@@ -56,110 +47,22 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     mount = commands.add_parser(
-        "mount", help="mount a read-only, memory-cached mirror of SOURCE at MOUNTPOINT"
+        "mount",
+        help="mount a read-only, memory-cached mirror of SOURCE at MOUNTPOINT",
+        description="Options may also come from MEMCACHEFS_<OPTION> environment variables "
+        "and from a --config TOML file (keys: option names with _ for -); "
+        "flags win over the environment, the environment over the file.",
     )
-    mount.add_argument("source", help="the slow directory to mirror")
-    mount.add_argument("mountpoint", help="an existing empty directory")
-    mount.add_argument(
-        "--capacity",
-        required=True,
-        help="memory for cached blocks, e.g. 20G (K/M/G/T are 1024-based)",
-    )
-    mount.add_argument("--block-size", default="4M", help="cache block size (default 4M)")
-    mount.add_argument(
-        "--read-ahead",
-        type=int,
-        default=4,
-        metavar="BLOCKS",
-        help="blocks fetched ahead of a sequential reader (default 4)",
-    )
-    mount.add_argument(
-        "--kernel-read-ahead",
-        default="1M",
-        metavar="SIZE",
-        help="kernel readahead of the mount, sets the FUSE read size "
-        "(default 1M; 0 leaves the kernel default)",
-    )
-    mount.add_argument(
-        "--attr-timeout",
-        type=float,
-        default=1.0,
-        metavar="SECONDS",
-        help="how long attributes and listings are cached (default 1.0)",
-    )
-    mount.add_argument(
-        "--source-threads",
-        type=int,
-        default=8,
-        help="parallel block reads from the source (default 8)",
-    )
-    mount.add_argument(
-        "--no-page-cache-push",
-        action="store_true",
-        help="do not copy a file's cached blocks into the kernel page cache when it "
-        "is opened (saves CPU and page cache; reads then go through the daemon)",
-    )
-    mount.add_argument(
-        "--allow-other",
-        action="store_true",
-        help="let other users access the mount (needs user_allow_other "
-        "in /etc/fuse.conf when not root)",
-    )
+    _add_options(mount)
+    mount.add_argument("--config", metavar="FILE", help="a TOML file with one key per option")
     mount.add_argument(
         "--foreground",
         "-f",
         action="store_true",
         help="stay attached (containers, systemd); log to stderr",
     )
-    mount.add_argument("--log-file", help="where the background daemon logs")
-    mount.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    mount.add_argument(
-        "--shutdown-grace",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="how long SIGTERM waits for reads in flight and open files to close "
-        "before unmounting (default 5; keep it below your orchestrator's kill timeout)",
-    )
-    cluster = mount.add_argument_group("cluster (instances share their memory)")
-    cluster.add_argument(
-        "--listen",
-        metavar="HOST:PORT",
-        help="serve blocks to peers on this address (a non-loopback address needs "
-        "--cluster-secret-file)",
-    )
-    cluster.add_argument(
-        "--peer",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="a peer's --listen address (repeatable)",
-    )
-    cluster.add_argument(
-        "--peers-dns",
-        metavar="NAME:PORT",
-        help="peers are the addresses of NAME, re-resolved every few seconds "
-        "(e.g. a Kubernetes headless Service)",
-    )
-    cluster.add_argument(
-        "--peers-file",
-        metavar="PATH",
-        help="peers listed one HOST:PORT per line, re-read when the file changes",
-    )
-    cluster.add_argument(
-        "--cluster-secret-file",
-        metavar="PATH",
-        help="file holding the secret peers authenticate their requests with "
-        "(not readable by others)",
-    )
-    cluster.add_argument(
-        "--peer-timeout",
-        type=float,
-        default=5.0,
-        metavar="SECONDS",
-        help="deadline for a block from a peer before reading the source (default 5)",
-    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount, whether the daemon is alive or not")
     umount.add_argument("mountpoint")
@@ -194,104 +97,64 @@ def _report(args: argparse.Namespace, message: str) -> None:
 
 
 # -- mount -----------------------------------------------------------------------
-def config_from_args(args: argparse.Namespace) -> MountConfig:
-    capacity = parse_size(args.capacity, "capacity")
-    block_size = parse_size(args.block_size, "block size")
-    kernel_read_ahead = (
-        0
-        if args.kernel_read_ahead.strip() == "0"
-        else parse_size(args.kernel_read_ahead, "kernel read-ahead")
+def _add_options(parser: argparse.ArgumentParser) -> None:
+    """One argument per option of the configuration schema (config.OPTIONS)."""
+    groups = {
+        "cache": parser,
+        "cluster": parser.add_argument_group("cluster (instances share their memory)"),
+    }
+    for name, entry in OPTIONS.items():
+        option = entry.option
+        target = groups.get(entry.path[0], parser)
+        help_text = option.help + _default_text(entry)
+        if option.positional:
+            target.add_argument(name, nargs="?", default=argparse.SUPPRESS, help=help_text)
+        elif entry.is_flag:
+            target.add_argument(
+                option.flag,
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS,
+                help=help_text,
+            )
+        else:
+            target.add_argument(
+                option.flag,
+                dest=name,
+                action="append" if entry.repeatable else "store",
+                default=argparse.SUPPRESS,
+                metavar=option.metavar,
+                help=help_text,
+            )
+
+
+def _default_text(entry: OptionField) -> str:
+    default = entry.default
+    if default in (None, (), False) or entry.option.positional:
+        return " (required)" if entry.field.is_required() and not entry.option.positional else ""
+    if entry.path[-1].endswith("_bytes") and isinstance(default, int):
+        return f" (default {format_size(default).replace('.0', '')})"
+    if default is True:
+        return " (default on)"
+    return f" (default {default})"
+
+
+def config_from_args(
+    args: argparse.Namespace, environ: Mapping[str, str] = os.environ
+) -> MountConfig:
+    """The validated configuration: flags > environment > --config file > defaults."""
+    if args.config_fd is not None:  # the background daemon: its parent validated it
+        with os.fdopen(args.config_fd, "rb") as f:
+            return MountConfig.model_validate_json(f.read())
+    flags = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
+    for name in ("source", "mountpoint", "peers_file", "log_file"):
+        if name in flags:  # relative paths mean relative to where the user ran us
+            flags[name] = str(Path(flags[name]).absolute())
+    config_file = Path(args.config) if args.config else None
+    config = load_config(flags, config_file=config_file, environ=environ)
+    return config.model_copy(
+        update={"source": config.source.absolute(), "mountpoint": config.mountpoint.absolute()}
     )
-    if 0 < kernel_read_ahead < 4 * 1024:
-        raise ConfigError("--kernel-read-ahead: must be 0 (the kernel default) or at least 4K")
-    try:
-        return MountConfig(
-            source=Path(args.source).absolute(),
-            mountpoint=Path(args.mountpoint).absolute(),
-            cache=CacheConfig(
-                capacity_bytes=capacity,
-                block_size_bytes=block_size,
-                read_ahead_blocks=args.read_ahead,
-                source_threads=args.source_threads,
-                push_page_cache=not args.no_page_cache_push,
-            ),
-            cluster=cluster_from_args(args),
-            attr_timeout_s=args.attr_timeout,
-            kernel_read_ahead_kib=kernel_read_ahead // 1024,
-            allow_other=args.allow_other,
-            shutdown_grace_s=args.shutdown_grace,
-        )
-    except pydantic.ValidationError as error:
-        raise ConfigError(_first_validation_message(error)) from None
-
-
-_OPTION_OF_FIELD = {
-    "capacity_bytes": "--capacity",
-    "block_size_bytes": "--block-size",
-    "read_ahead_blocks": "--read-ahead",
-    "source_threads": "--source-threads",
-    "attr_timeout_s": "--attr-timeout",
-    "kernel_read_ahead_kib": "--kernel-read-ahead (KiB)",
-    "shutdown_grace_s": "--shutdown-grace",
-    "peer_timeout_s": "--peer-timeout",
-    "listen": "--listen",
-}
-
-
-def _first_validation_message(error: pydantic.ValidationError) -> str:
-    first = error.errors()[0]
-    fields = [str(part) for part in first["loc"]]
-    where = _OPTION_OF_FIELD.get(fields[-1], ".".join(fields)) if fields else ""
-    message = str(first["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message.lower()}" if where else message
-
-
-def cluster_from_args(args: argparse.Namespace) -> ClusterConfig:
-    """The cluster options, checked; ConfigError (one line) on bad input."""
-    listen = _address(args.listen, "--listen") if args.listen else None
-    peers = tuple(_address(text, "--peer") for text in args.peer)
-    peers_dns = _address(args.peers_dns, "--peers-dns") if args.peers_dns else None
-    peers_file = None
-    if args.peers_file:
-        from memcachefs.membership import read_peers_file
-
-        peers_file = Path(args.peers_file).absolute()
-        try:
-            read_peers_file(peers_file)
-        except OSError as error:
-            raise ConfigError(f"--peers-file {args.peers_file}: {error.strerror}") from None
-    secret = read_secret(Path(args.cluster_secret_file)) if args.cluster_secret_file else None
-    return ClusterConfig(
-        listen=listen,
-        peers=peers,
-        peers_dns=peers_dns,
-        peers_file=peers_file,
-        secret=secret,
-        peer_timeout_s=args.peer_timeout,
-    )
-
-
-def _address(text: str, option: str) -> tuple[str, int]:
-    host, port = parse_host_port(text, option)
-    if port == 0:
-        raise ConfigError(f"invalid {option} {text!r}: the port must be 1-65535")
-    return host, port
-
-
-def read_secret(path: Path) -> bytes:
-    """The cluster secret: the file's bytes without surrounding whitespace."""
-    option = "--cluster-secret-file"
-    try:
-        mode = path.stat().st_mode
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{option} {path}: {error.strerror}") from None
-    if mode & 0o004:
-        raise ConfigError(f"{option} {path} is readable by everyone (chmod 600 it)")
-    secret = data.strip()
-    if not secret:
-        raise ConfigError(f"{option} {path} is empty")
-    return secret
 
 
 def check_paths(config: MountConfig) -> None:
@@ -332,8 +195,8 @@ def _mount(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     check_paths(config)
     if not args.foreground:
-        return _spawn_background(args, config)
-    _setup_logging(args.log_level, args.log_file)
+        return _spawn_background(config)
+    setup_logging(config)
     # Imported here so that `stats`/`umount` and input errors stay fast.
     import trio
 
@@ -355,9 +218,9 @@ def _send_ready(fd: int, message: str) -> None:
         pass  # the parent gave up waiting; the log has the story
 
 
-def _spawn_background(args: argparse.Namespace, config: MountConfig) -> int:
-    log_path = Path(args.log_file) if args.log_file else default_log_path(config.mountpoint)
-    process, outcome = spawn_daemon(_child_argv(args), log_path)
+def _spawn_background(config: MountConfig) -> int:
+    log_path = config.log_file or default_log_path(config.mountpoint)
+    process, outcome = spawn_daemon(["mount", "--foreground"], log_path, config=config)
     if outcome != "ok":
         print(f"memcachefs: {outcome.removeprefix('error: ')} (log: {log_path})", file=sys.stderr)
         try:  # the daemon reported its error before exiting: wait for its status
@@ -377,65 +240,42 @@ def default_log_path(mountpoint: Path) -> Path:
     return Path(tempfile.gettempdir()) / f"memcachefs-{slug}.log"
 
 
-def _child_argv(args: argparse.Namespace) -> list[str]:
-    argv = [
-        "mount",
-        str(Path(args.source).absolute()),
-        str(Path(args.mountpoint).absolute()),
-        "--foreground",
-        "--capacity",
-        args.capacity,
-        "--block-size",
-        args.block_size,
-        "--read-ahead",
-        str(args.read_ahead),
-        "--kernel-read-ahead",
-        args.kernel_read_ahead,
-        "--attr-timeout",
-        str(args.attr_timeout),
-        "--source-threads",
-        str(args.source_threads),
-        "--log-level",
-        args.log_level,
-        "--shutdown-grace",
-        str(args.shutdown_grace),
-    ]
-    if args.no_page_cache_push:
-        argv.append("--no-page-cache-push")
-    if args.allow_other:
-        argv.append("--allow-other")
-    if args.listen:
-        argv += ["--listen", args.listen]
-    for peer in args.peer:
-        argv += ["--peer", peer]
-    if args.peers_dns:
-        argv += ["--peers-dns", args.peers_dns]
-    if args.peers_file:
-        argv += ["--peers-file", str(Path(args.peers_file).absolute())]
-    if args.cluster_secret_file:
-        argv += ["--cluster-secret-file", str(Path(args.cluster_secret_file).absolute())]
-    argv += ["--peer-timeout", str(args.peer_timeout)]
-    return argv
-
-
 def spawn_daemon(
-    argv: list[str], log_path: Path, timeout_s: float = READY_TIMEOUT_S
+    argv: list[str],
+    log_path: Path,
+    timeout_s: float = READY_TIMEOUT_S,
+    *,
+    config: MountConfig | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Start `memcachefs <argv> --ready-fd N` detached; wait until it mounted or failed.
 
+    With `config`, the daemon gets that validated configuration through a pipe
+    (`--config-fd`) instead of options in `argv`, and logs to `log_path`.
     Returns the process and "ok", or an "error: ..." line from the daemon.
     """
     read_fd, write_fd = os.pipe()
-    with open(log_path, "ab") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "memcachefs", *argv, "--ready-fd", str(write_fd)],
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=log_file,
-            pass_fds=(write_fd,),
-            start_new_session=True,
-        )
-    os.close(write_fd)
+    pass_fds = [write_fd]
+    extra = ["--ready-fd", str(write_fd)]
+    if config is not None:
+        config_read, config_write = os.pipe()
+        data = config.model_copy(update={"log_file": log_path}).model_dump_json().encode()
+        os.write(config_write, data)  # far below a pipe's buffer
+        os.close(config_write)
+        pass_fds.append(config_read)
+        extra += ["--config-fd", str(config_read)]
+    try:
+        with open(log_path, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "memcachefs", *argv, *extra],
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                pass_fds=pass_fds,
+                start_new_session=True,
+            )
+    finally:
+        for fd in pass_fds:
+            os.close(fd)
     try:
         message = _read_line(read_fd, timeout_s)
     finally:
@@ -466,14 +306,32 @@ def _read_line(fd: int, timeout_s: float) -> str:
     return data.decode(errors="replace").strip()
 
 
-def _setup_logging(level: str, log_file: str | None) -> None:
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(config: MountConfig) -> None:
+    log_file = config.log_file
     handler: logging.Handler = (
         logging.FileHandler(log_file) if log_file else logging.StreamHandler(sys.stderr)
     )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(
+        _JsonFormatter()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    root.setLevel(config.log_level.upper())
     logging.getLogger("pyfuse3").setLevel(logging.WARNING)
 
 

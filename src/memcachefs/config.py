@@ -1,4 +1,14 @@
-"""Configuration: parsed once into frozen, validated objects whose names carry units.
+"""Configuration: the one definition of every option, parsed once into frozen objects.
+
+Each field of the models below that users can set carries an `Option`: its
+public name, help text and metavar. Everything else derives from that: the
+``--name`` flag of `memcachefs mount`, the ``MEMCACHEFS_NAME`` environment
+variable, the ``name`` key of a ``--config`` TOML file (dashes become
+underscores), the error messages, and the README's option table (a test checks
+it). Field names carry units (``capacity_bytes``, ``peer_timeout_s``); option
+names do not (``--capacity 20G``).
+
+Precedence: flags > environment > config file > defaults.
 
 Sizes accept a plain byte count or a number with a K, M, G or T suffix. The
 suffixes are 1024-based: ``4M`` is 4 MiB = 4194304 bytes. An optional trailing
@@ -8,24 +18,36 @@ suffixes are 1024-based: ``4M`` is 4 MiB = 4194304 bytes. An optional trailing
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import pydantic
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic.fields import FieldInfo
 
 from memcachefs.errors import ConfigError
+from memcachefs.keys import MAX_BLOCK_BYTES, MIN_BLOCK_BYTES
 
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
 
+ENV_PREFIX = "MEMCACHEFS_"
+MAX_SECRET_BYTES = 4096  # a cluster secret file larger than this is refused unread
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SUFFIX_BYTES = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
+_HOST_LABEL_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 def parse_size(text: str, what: str = "size") -> int:
-    """Parse ``20G`` / ``512M`` / ``4096`` into bytes; ConfigError on anything else."""
+    """Parse ``20G`` / ``512M`` / ``4096`` into bytes (0 allowed); ConfigError otherwise."""
     match = _SIZE_RE.match(text)
     if match is None:
         raise ConfigError(
@@ -33,10 +55,10 @@ def parse_size(text: str, what: str = "size") -> int:
             "(1024-based), e.g. 20G"
         )
     number, suffix = match.group(1), match.group(2).lower()
-    value = int(float(number) * _SUFFIX_BYTES[suffix])
-    if value <= 0:
-        raise ConfigError(f"invalid {what} {text!r}: must be greater than zero")
-    return value
+    value = float(number) * _SUFFIX_BYTES[suffix]
+    if value != int(value):
+        raise ConfigError(f"invalid {what} {text!r}: not a whole number of bytes")
+    return int(value)
 
 
 def format_size(num_bytes: float) -> str:
@@ -47,12 +69,29 @@ def format_size(num_bytes: float) -> str:
 
 
 def parse_host_port(text: str, what: str) -> tuple[str, int]:
-    """``host:port`` or ``[v6]:port`` -> (host, port)."""
+    """``host:port`` or ``[v6]:port`` -> (host, port); the host must be an IP or a DNS name."""
     host, sep, port_text = text.rpartition(":")
     host = host.strip("[]")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"invalid {what} {text!r}: expected HOST:PORT")
+    if not _is_host(host):
+        raise ConfigError(f"invalid {what} {text!r}: {host!r} is not an IP address or host name")
     return host, int(port_text)
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    labels = host.rstrip(".").split(".")
+    return (
+        len(host) <= 253
+        and all(_HOST_LABEL_RE.match(label) for label in labels)
+        and not labels[-1].isdigit()  # 256.1.1.1 is a bad IP, not a name
+    )
 
 
 def is_loopback_host(host: str) -> bool:
@@ -65,18 +104,143 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
+def read_secret(path: Path) -> bytes:
+    """The cluster secret: the file's bytes without surrounding whitespace.
+
+    Its type, mode and size are checked before it is read, so a FIFO, a device
+    or a huge file is refused at once instead of hanging or filling memory.
+    """
+    what = f"--cluster-secret-file {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as error:
+        raise ConfigError(f"{what}: {error.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{what} is not a regular file")
+        if st.st_mode & 0o004:
+            raise ConfigError(f"{what} is readable by everyone (chmod 600 it)")
+        if st.st_size > MAX_SECRET_BYTES:
+            raise ConfigError(f"{what} is larger than {MAX_SECRET_BYTES} bytes")
+        data = os.read(fd, MAX_SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    secret = data.strip()
+    if not secret:
+        raise ConfigError(f"{what} is empty")
+    return secret
+
+
+# -- the types values are given in ---------------------------------------------------------
+def _size(value: object, info: pydantic.ValidationInfo) -> object:
+    if isinstance(value, str):
+        what = (info.field_name or "size").removesuffix("_bytes").replace("_", " ")
+        try:
+            return parse_size(value)
+        except ConfigError as error:
+            raise ValueError(f"invalid {what}: {_reason(error)}") from None
+    return value
+
+
+def _address(value: object) -> object:
+    if isinstance(value, str):
+        try:
+            host, port = parse_host_port(value, "address")
+        except ConfigError as error:
+            raise ValueError(_reason(error)) from None
+        if port == 0:
+            raise ValueError("the port must be 1-65535")
+        return host, port
+    return value
+
+
+def _reason(error: ConfigError) -> str:
+    """'invalid size '20X': use ...' -> 'use ...' (the caller names the option and value)."""
+    return str(error).split(": ", 1)[-1]
+
+
+def _words(value: object) -> object:
+    """A list given as one string (an environment variable): split on commas and spaces."""
+    if isinstance(value, str):
+        return [word for word in re.split(r"[,\s]+", value) if word]
+    return value
+
+
+Size = Annotated[int, BeforeValidator(_size)]
+Address = Annotated[tuple[str, int], BeforeValidator(_address)]
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a field is set from outside (see the module docstring)."""
+
+    name: str
+    help: str
+    metavar: str | None = None
+    positional: bool = False
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.name.upper().replace("-", "_")
+
+    @property
+    def key(self) -> str:
+        return self.name.replace("-", "_")
+
+
 _Frozen = ConfigDict(frozen=True, extra="forbid")
 
 
 class CacheConfig(BaseModel):
     model_config = _Frozen
 
-    capacity_bytes: Annotated[int, Field(gt=0)]
-    block_size_bytes: Annotated[int, Field(ge=64 * KiB, le=256 * MiB)] = 4 * MiB
-    read_ahead_blocks: Annotated[int, Field(ge=0, le=256)] = 4
-    source_threads: Annotated[int, Field(ge=1, le=256)] = 8
-    metadata_threads: Annotated[int, Field(ge=1, le=256)] = 8
-    push_page_cache: bool = True
+    capacity_bytes: Annotated[
+        Size,
+        Field(gt=0),
+        Option(
+            "capacity",
+            "bytes of memory for cached blocks, e.g. 20G; the store never holds more",
+            "SIZE",
+        ),
+    ]
+    block_size_bytes: Annotated[
+        Size,
+        Field(ge=MIN_BLOCK_BYTES, le=MAX_BLOCK_BYTES),
+        Option("block-size", "cache block size: the unit of a source read and of eviction", "SIZE"),
+    ] = 4 * MiB
+    read_ahead_blocks: Annotated[
+        int,
+        Field(ge=0, le=256),
+        Option(
+            "read-ahead",
+            "blocks fetched in the background ahead of a sequential reader "
+            "(capped at a quarter of the capacity)",
+            "BLOCKS",
+        ),
+    ] = 4
+    source_threads: Annotated[
+        int,
+        Field(ge=1, le=256),
+        Option("source-threads", "parallel block reads from the source", "N"),
+    ] = 8
+    metadata_threads: Annotated[
+        int,
+        Field(ge=1, le=256),
+        Option("metadata-threads", "parallel metadata calls (stat, listings) to the source", "N"),
+    ] = 8
+    push_page_cache: Annotated[
+        bool,
+        Option(
+            "page-cache-push",
+            "copy a file's cached blocks into the kernel page cache when it is opened "
+            "(--no-page-cache-push: less CPU at open, less page cache)",
+        ),
+    ] = True
 
     @model_validator(mode="after")
     def _capacity_holds_a_block(self) -> CacheConfig:
@@ -95,17 +259,72 @@ class ClusterConfig(BaseModel):
 
     model_config = _Frozen
 
-    listen: tuple[str, int] | None = None
-    peers: tuple[tuple[str, int], ...] = ()
-    peers_dns: tuple[str, int] | None = None
-    peers_file: Path | None = None
-    secret: bytes | None = None
-    peer_timeout_s: Annotated[float, Field(gt=0)] = 5.0
-    dns_refresh_s: Annotated[float, Field(gt=0)] = 5.0
+    listen: Annotated[
+        Address | None,
+        Option(
+            "listen",
+            "serve blocks to peers on this address (a non-loopback address needs "
+            "--cluster-secret-file)",
+            "HOST:PORT",
+        ),
+    ] = None
+    peers: Annotated[
+        tuple[Address, ...],
+        BeforeValidator(_words),
+        Option("peer", "a peer's --listen address (repeatable)", "HOST:PORT"),
+    ] = ()
+    peers_dns: Annotated[
+        Address | None,
+        Option(
+            "peers-dns",
+            "peers are every address of NAME, re-resolved every few seconds "
+            "(a Kubernetes headless Service)",
+            "NAME:PORT",
+        ),
+    ] = None
+    peers_file: Annotated[
+        Path | None,
+        Option(
+            "peers-file", "one HOST:PORT per line (# comments), re-read when it changes", "PATH"
+        ),
+    ] = None
+    secret_file: Annotated[
+        Path | None,
+        Option(
+            "cluster-secret-file",
+            "the shared secret peer requests are authenticated with (not readable by others)",
+            "PATH",
+        ),
+    ] = None
+    secret: bytes | None = None  # read from secret_file at validation
+    peer_timeout_s: Annotated[
+        float,
+        Field(gt=0),
+        Option(
+            "peer-timeout",
+            "how long a block from a peer may take before the source is read instead",
+            "SECONDS",
+        ),
+    ] = 5.0
+    dns_refresh_s: Annotated[
+        float,
+        Field(gt=0),
+        Option("dns-refresh", "how often --peer and --peers-dns names are resolved", "SECONDS"),
+    ] = 5.0
 
     @property
     def enabled(self) -> bool:
         return bool(self.listen or self.peers or self.peers_dns or self.peers_file)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_the_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("secret_file") and data.get("secret") is None:
+            try:
+                data = {**data, "secret": read_secret(Path(data["secret_file"]))}
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return data
 
     @model_validator(mode="after")
     def _non_loopback_needs_a_secret(self) -> ClusterConfig:
@@ -114,21 +333,208 @@ class ClusterConfig(BaseModel):
                 f"--listen {self.listen[0]}:{self.listen[1]}: a non-loopback address needs "
                 "--cluster-secret-file (peers must authenticate)"
             )
-        if self.listen is not None and self.listen[1] == 0:
-            raise ValueError("the peer port must be 1-65535 (others must know it)")
-        if self.secret is not None and not self.secret:
-            raise ValueError("the cluster secret is empty")
+        if self.peers_file is not None:
+            from memcachefs.membership import read_peers_file
+
+            try:
+                read_peers_file(self.peers_file)
+            except OSError as error:
+                raise ValueError(f"--peers-file {self.peers_file}: {error.strerror}") from None
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
         return self
 
 
 class MountConfig(BaseModel):
     model_config = _Frozen
 
-    source: Path
-    mountpoint: Path
+    source: Annotated[Path, Option("source", "the slow directory to mirror", positional=True)]
+    mountpoint: Annotated[
+        Path, Option("mountpoint", "an existing empty directory", positional=True)
+    ]
     cache: CacheConfig
     cluster: ClusterConfig = ClusterConfig()
-    attr_timeout_s: Annotated[float, Field(ge=0)] = 1.0
-    kernel_read_ahead_kib: Annotated[int, Field(ge=0, le=65536)] = 1024
-    allow_other: bool = False
-    shutdown_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    attr_timeout_s: Annotated[
+        float,
+        Field(ge=0),
+        Option(
+            "attr-timeout",
+            "how long attributes and listings are cached, by memcachefs and by the kernel",
+            "SECONDS",
+        ),
+    ] = 1.0
+    kernel_read_ahead_bytes: Annotated[
+        Size,
+        Field(ge=0, le=64 * MiB),
+        Option(
+            "kernel-read-ahead",
+            "kernel readahead of the mount, which sets the size of FUSE reads; 0 keeps the "
+            "kernel default (128K, about 2.5x slower). Needs root",
+            "SIZE",
+        ),
+    ] = MiB
+    allow_other: Annotated[
+        bool,
+        Option(
+            "allow-other",
+            "let other users use the mount (non-root users need user_allow_other in "
+            "/etc/fuse.conf)",
+        ),
+    ] = False
+    shutdown_grace_s: Annotated[
+        float,
+        Field(ge=0),
+        Option(
+            "shutdown-grace",
+            "how long SIGTERM waits for reads in flight and open files before unmounting "
+            "(keep it below your orchestrator's kill timeout)",
+            "SECONDS",
+        ),
+    ] = 5.0
+    log_file: Annotated[
+        Path | None,
+        Option(
+            "log-file",
+            "where the daemon logs (default: stderr in the foreground, "
+            "/tmp/memcachefs-<mountpoint>.log in the background)",
+            "PATH",
+        ),
+    ] = None
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        Option("log-level", "how much the daemon logs: debug, info, warning or error", "LEVEL"),
+    ] = "info"
+    log_format: Annotated[
+        Literal["text", "json"],
+        Option("log-format", "text, or json: one JSON object per line", "FORMAT"),
+    ] = "text"
+
+    @model_validator(mode="after")
+    def _kernel_read_ahead_in_pages(self) -> MountConfig:
+        if 0 < self.kernel_read_ahead_bytes < 4 * KiB:
+            raise ValueError("--kernel-read-ahead: must be 0 (the kernel default) or at least 4K")
+        return self
+
+    def public_dump(self) -> dict[str, Any]:
+        """The configuration as JSON-able data, without the secret itself."""
+        return self.model_dump(mode="json", exclude={"cluster": {"secret"}})
+
+
+# -- the option registry ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class OptionField:
+    """An option and where its value goes in MountConfig."""
+
+    option: Option
+    path: tuple[str, ...]  # field names from MountConfig down, e.g. ("cache", "capacity_bytes")
+    field: FieldInfo
+
+    @property
+    def is_flag(self) -> bool:
+        return self.field.annotation is bool
+
+    @property
+    def repeatable(self) -> bool:
+        return str(self.field.annotation).startswith("tuple[")
+
+    @property
+    def default(self) -> Any:
+        return None if self.field.is_required() else self.field.default
+
+
+def _walk(model: type[BaseModel], path: tuple[str, ...] = ()) -> Iterator[OptionField]:
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _walk(annotation, (*path, name))
+            continue
+        for meta in field.metadata:
+            if isinstance(meta, Option):
+                yield OptionField(meta, (*path, name), field)
+
+
+OPTIONS: dict[str, OptionField] = {entry.option.name: entry for entry in _walk(MountConfig)}
+_BY_PATH = {entry.path: entry for entry in OPTIONS.values()}
+_BY_KEY = {entry.option.key: entry for entry in OPTIONS.values()}
+
+
+# -- building a MountConfig from flags, environment and a file -------------------------------
+def load_config(
+    flags: Mapping[str, Any],
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] = os.environ,
+) -> MountConfig:
+    """Merge the sources (flags > environment > file > defaults) and validate once.
+
+    `flags` maps option names to the values given on the command line (only the
+    options given). ConfigError names the option and where its value came from.
+    """
+    origins: dict[str, str] = {}  # option name -> where its value came from
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        for key, value in read_config_file(config_file).items():
+            name = _BY_KEY[key].option.name
+            values[name], origins[name] = value, f"{key} in {config_file}"
+    for name, entry in OPTIONS.items():
+        if entry.option.env in environ:
+            values[name], origins[name] = environ[entry.option.env], entry.option.env
+    for name, value in flags.items():
+        values[name], origins[name] = value, entry_flag(name)
+    nested: dict[str, Any] = {"cache": {}, "cluster": {}}
+    for name, value in values.items():
+        *parents, leaf = OPTIONS[name].path
+        target = nested
+        for parent in parents:
+            target = target[parent]
+        target[leaf] = value
+    try:
+        return MountConfig.model_validate(nested)
+    except pydantic.ValidationError as error:
+        raise ConfigError(describe_validation_error(error, origins, values)) from None
+
+
+def entry_flag(name: str) -> str:
+    entry = OPTIONS[name]
+    return entry.option.name.upper() if entry.option.positional else entry.option.flag
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The keys of a TOML config file; ConfigError on a bad file or an unknown key."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"--config {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"--config {path}: not valid TOML: {error}") from None
+    for key in data:
+        if key not in _BY_KEY:
+            raise ConfigError(f"unknown key {key!r} in {path} (see memcachefs mount --help)")
+    return data
+
+
+def describe_validation_error(
+    error: pydantic.ValidationError, origins: Mapping[str, str], values: Mapping[str, Any]
+) -> str:
+    """The first error of a validation, in one line naming the option, its origin and value."""
+    first = error.errors()[0]
+    loc = tuple(str(part) for part in first["loc"])
+    message = str(first["msg"]).removeprefix("Value error, ")
+    entry = None
+    for length in range(len(loc), 0, -1):
+        entry = _BY_PATH.get(loc[:length])
+        if entry is not None:
+            break
+    if entry is None:
+        return message
+    name = entry.option.name
+    where = origins.get(name, entry_flag(name))
+    if first["type"] == "missing":
+        return f"{where} is required"
+    raw = values.get(name)
+    rest = loc[len(entry.path) :]
+    if isinstance(raw, list | tuple) and rest and rest[0].isdigit() and int(rest[0]) < len(raw):
+        raw = raw[int(rest[0])]  # one value of a repeatable option
+    given = f" {raw!r}" if isinstance(raw, str) else ""
+    return f"{where}{given}: {message[0].lower()}{message[1:]}"

@@ -192,9 +192,9 @@ async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> 
     # the kernel has completed INIT and the mount serves requests.
     await trio.to_thread.run_sync(os.stat, config.mountpoint)
     entry = mounts.find_mount(config.mountpoint)
-    if entry is not None and config.kernel_read_ahead_kib:
+    if entry is not None and config.kernel_read_ahead_bytes:
         await trio.to_thread.run_sync(
-            mounts.set_read_ahead, entry.device, config.kernel_read_ahead_kib
+            mounts.set_read_ahead, entry.device, config.kernel_read_ahead_bytes // 1024
         )
     log.info("mounted %s at %s", config.source, config.mountpoint)
     on_ready()

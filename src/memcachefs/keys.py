@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Bounds of the block size: in the config, and in every peer request.
+MIN_BLOCK_BYTES = 64 * 1024
+MAX_BLOCK_BYTES = 256 * 1024 * 1024
+
 
 @dataclass(frozen=True, slots=True)
 class FileVersion:

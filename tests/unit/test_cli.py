@@ -44,13 +44,13 @@ def test_config_from_args_builds_a_config_in_bytes(dirs: tuple[Path, Path]) -> N
     assert config.cache.capacity_bytes == 20 * 1024**3
     assert config.cache.block_size_bytes == MiB
     assert config.source == source
-    assert config.kernel_read_ahead_kib == 1024
+    assert config.kernel_read_ahead_bytes == MiB
 
 
 def test_kernel_read_ahead_zero_means_kernel_default(dirs: tuple[Path, Path]) -> None:
     source, mountpoint = dirs
     args = args_for(str(source), str(mountpoint), "--capacity", "1G", "--kernel-read-ahead", "0")
-    assert config_from_args(args).kernel_read_ahead_kib == 0
+    assert config_from_args(args).kernel_read_ahead_bytes == 0
 
 
 @pytest.mark.parametrize(
