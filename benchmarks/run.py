@@ -300,7 +300,7 @@ def observations(result: dict[str, Any]) -> list[str]:
     for name in result["order"]:
         s, counters = scenarios[name], scenarios[name]["counters"]
         n, per_read = s["bytes_per_read"], "per read (namespace veth tx counter)"
-        if counters.get("source_tx_bytes") and n:
+        if counters.get("source_tx_bytes") and "source_raw" in (name, s["ceiling"]) and n:
             sent = ", ".join(f"{b / n:.3f}x" for b in counters["source_tx_bytes"])
             found.append(f"{name}: the source sent {sent} the file size {per_read}")
         if name.startswith("memcachefs_cold_") and counters.get("source_bytes"):
