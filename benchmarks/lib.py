@@ -338,10 +338,11 @@ def reference_counters(mountpoint: Path) -> dict[str, int]:
     return {"memory_bytes": int(json.loads(os.getxattr(mountpoint, REFERENCE_XATTR))["read_bytes"])}
 
 
-def daemon_counters(mountpoint: Path) -> dict[str, int]:
-    """memcachefs's byte counters (memory, source, peer), read from its root xattr."""
-    stats = json.loads(os.getxattr(mountpoint, STATS_XATTR))
-    return {k: int(stats.get(k, 0)) for k in ("memory_bytes", "source_bytes", "peer_bytes")}
+def daemon_counters(*daemons: Any) -> dict[str, int]:
+    """memcachefs's byte counters (memory, source, peer) summed over daemons (MountedFS)."""
+    keys = ("memory_bytes", "source_bytes", "peer_bytes")
+    stats = [json.loads(os.getxattr(daemon.path, STATS_XATTR)) for daemon in daemons]
+    return {key: sum(int(s.get(key, 0)) for s in stats) for key in keys}
 
 
 # -- what ran where ---------------------------------------------------------------------

@@ -37,82 +37,67 @@ from slowsource import DEFAULT_RATE, SlowSourceError
 # -- the registry -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class Spec:
+    name: str
     group: str  # baseline | memcachefs | cluster | alternatives
     ceiling: str | None  # the scenario its "x ceiling" column divides by
+    unit: str  # GB/s, or ms: a time to first byte
     what: str  # what is read, and the state of the caches before
-    unit: str = "GB/s"  # ms: a time to first byte
 
 
-SCENARIOS: dict[str, Spec] = {
-    "source_raw": Spec("baseline", None, "raw read of the source (cold)"),
-    "shm_copy": Spec("baseline", "source_raw", "copy source -> /dev/shm (what people do today)"),
-    "shm_copy_read": Spec("baseline", "tmpfs", "read of that /dev/shm copy right after copying"),
-    "tmpfs": Spec("baseline", None, "read of the file in tmpfs (/dev/shm)"),
-    "loopback_tcp": Spec("baseline", None, "TCP on 127.0.0.1, one stream, 4 MiB buffers"),
-    "reference": Spec(
-        "baseline", "tmpfs", "reference FUSE fs, one in-memory buffer, cold page cache"
-    ),
-    "safetensors_tmpfs": Spec("baseline", "tmpfs", "safe_open(numpy) all tensors, from tmpfs"),
-    "ttfb_source": Spec("baseline", None, "open + 4 KiB read, source", "ms"),
-    "memcachefs_cold": Spec(
-        "memcachefs", "source_raw", "fresh daemon, every block from the source"
-    ),
-    "memcachefs_cached": Spec(
-        "memcachefs", "reference", "all blocks in memory, cold kernel page cache"
-    ),
-    "memcachefs_cached_nopush": Spec(
-        "memcachefs", "reference", "the same with --no-page-cache-push (every byte a FUSE READ)"
-    ),
-    "memcachefs_repeat": Spec("memcachefs", "tmpfs", "repeat read (kernel page cache)"),
-    "memcachefs_repeat_steady": Spec("memcachefs", "tmpfs", "the read after that (page cache)"),
-    "memcachefs_first_after_warmup": Spec(
-        "memcachefs", "tmpfs", "first read by a new reader right after a warm-up (cold) read"
-    ),
-    "memcachefs_safetensors": Spec(
-        "memcachefs",
-        "safetensors_tmpfs",
-        "safe_open(numpy) mmap, all tensors, cached, cold page cache",
-    ),
-    "memcachefs_random_4m": Spec(
-        "memcachefs", "reference", "4 MiB preads in shuffled order, cached, cold page cache"
-    ),
-    "memcachefs_ttfb_cold": Spec("memcachefs", None, "open + 4 KiB read, fresh daemon", "ms"),
-    "memcachefs_ttfb_warm": Spec(
-        "memcachefs", None, "open + 4 KiB read, cached, cold page cache", "ms"
-    ),
-    "memcachefs_remote_hit": Spec(
-        "cluster", "loopback_tcp", "instance B (fresh) reads what instance A holds, over loopback"
-    ),
-    "memcachefs_cold_1_instance": Spec(
-        "cluster", "source_raw", "one instance alone cold-loads the model from the source"
-    ),
-    "memcachefs_cold_3_instances": Spec(
-        "cluster", "source_raw", "3 instances cold-load the model together (size / wall time)"
-    ),
-    "rclone_cold": Spec(
-        "alternatives", "source_raw", "rclone vfs-cache full (/dev/shm), empty cache"
-    ),
-    "rclone_cached": Spec(
-        "alternatives", "reference", "rclone, file in its cache, cold page cache"
-    ),
-    "rclone_repeat": Spec("alternatives", "tmpfs", "rclone, repeat read right after"),
-    "s3fs_cache_cold": Spec("alternatives", "source_raw", "s3fs use_cache (/dev/shm), empty cache"),
-    "s3fs_cache_cached": Spec(
-        "alternatives", "reference", "s3fs use_cache, file cached, cold page cache"
-    ),
-    "s3fs_cache_repeat": Spec("alternatives", "tmpfs", "s3fs use_cache, repeat read right after"),
+# name, group, ceiling, unit, what is read (and the page cache before the read)
+REGISTRY = """
+source_raw                    baseline     -                  GB/s raw read of the source (cold)
+shm_copy                      baseline     source_raw         GB/s copy source -> /dev/shm (what people do today)
+shm_copy_read                 baseline     tmpfs              GB/s read of that /dev/shm copy right after copying
+tmpfs                         baseline     -                  GB/s read of the file in tmpfs (/dev/shm)
+loopback_tcp                  baseline     -                  GB/s TCP on 127.0.0.1, one stream, 4 MiB buffers
+reference                     baseline     tmpfs              GB/s reference FUSE fs, one in-memory buffer, cold page cache
+safetensors_tmpfs             baseline     tmpfs              GB/s safe_open(numpy) all tensors, from tmpfs
+ttfb_source                   baseline     -                  ms   open + 4 KiB read, source
+memcachefs_cold               memcachefs   source_raw         GB/s fresh daemon, every block from the source
+memcachefs_cached             memcachefs   reference          GB/s all blocks in memory, cold kernel page cache
+memcachefs_cached_nopush      memcachefs   reference          GB/s the same with --no-page-cache-push (every byte a FUSE READ)
+memcachefs_repeat             memcachefs   tmpfs              GB/s repeat read (kernel page cache)
+memcachefs_repeat_steady      memcachefs   tmpfs              GB/s the read after that (page cache)
+memcachefs_first_after_warmup memcachefs   tmpfs              GB/s first read by a new reader right after a warm-up (cold) read
+memcachefs_safetensors        memcachefs   safetensors_tmpfs  GB/s safe_open(numpy) mmap, all tensors, cached, cold page cache
+memcachefs_random_4m          memcachefs   reference          GB/s 4 MiB preads in shuffled order, cached, cold page cache
+memcachefs_ttfb_cold          memcachefs   -                  ms   open + 4 KiB read, fresh daemon
+memcachefs_ttfb_warm          memcachefs   -                  ms   open + 4 KiB read, cached, cold page cache
+memcachefs_remote_hit         cluster      loopback_tcp       GB/s instance B (fresh) reads what instance A holds, over loopback
+memcachefs_cold_1_instance    cluster      source_raw         GB/s one instance alone cold-loads the model from the source
+memcachefs_cold_3_instances   cluster      source_raw         GB/s 3 instances cold-load the model together (size / wall time)
+rclone_cold                   alternatives source_raw         GB/s rclone vfs-cache full (/dev/shm), empty cache
+rclone_cached                 alternatives reference          GB/s rclone, file in its cache, cold page cache
+rclone_repeat                 alternatives tmpfs              GB/s rclone, repeat read right after
+s3fs_cache_cold               alternatives source_raw         GB/s s3fs use_cache (/dev/shm), empty cache
+s3fs_cache_cached             alternatives reference          GB/s s3fs use_cache, file cached, cold page cache
+s3fs_cache_repeat             alternatives tmpfs              GB/s s3fs use_cache, repeat read right after
+"""  # noqa: E501
+SCENARIOS = {
+    (f := line.split(maxsplit=4))[0]: Spec(f[0], f[1], None if f[2] == "-" else f[2], f[3], f[4])
+    for line in REGISTRY.strip().splitlines()
 }
 GROUPS = ("baseline", "memcachefs", "cluster", "alternatives")
 
 
 @dataclass(frozen=True)
 class Goal:
-    text: str
     scenario: str
     base: str  # a scenario; for metric "source_bytes", the file size
     target: float  # 0: reported, not judged
-    metric: str = "gbps"  # gbps: ratio of median GB/s | seconds | source_bytes
+    metric: str  # gbps: ratio of median GB/s | seconds | source_bytes
+    text: str
     at_most: bool = False
+
+
+def goals(table: str) -> tuple[Goal, ...]:
+    """One goal a line: scenario, base, target (<=N: at most N), metric, the text."""
+    out = []
+    for line in table.strip().splitlines():
+        name, base, target, metric, text = line.split(maxsplit=4)
+        out.append(Goal(name, base, float(target.lstrip("<=")), metric, text, "<=" in target))
+    return tuple(out)
 
 
 def ratio(result: dict[str, Any], name: str, base: str, metric: str = "gbps") -> float | None:
@@ -142,7 +127,7 @@ def judge(result: dict[str, Any], goals: tuple[Goal, ...]) -> list[dict[str, Any
 @dataclass(frozen=True)
 class Preset:
     what: str
-    scenarios: tuple[str, ...] = ()
+    scenarios: list[str] = field(default_factory=list)
     goals: tuple[Goal, ...] = ()
     goals_title: str = "goal"
     source: str = "local"  # the default --source
@@ -151,7 +136,7 @@ class Preset:
     smoke: dict[str, Any] = field(default_factory=dict)
 
 
-CORE = (
+CORE = [
     "tmpfs",
     "reference",
     "memcachefs_cached",
@@ -160,62 +145,27 @@ CORE = (
     "memcachefs_repeat_steady",
     "source_raw",
     "memcachefs_cold",
-)
-CORE_GOALS = (
-    Goal("cached, cold page cache >= 0.9x reference FUSE", "memcachefs_cached", "reference", 0.9),
-    Goal(
-        "(the same without the page-cache push) >= 0.9x reference",
-        "memcachefs_cached_nopush",
-        "reference",
-        0.9,
-    ),
-    Goal("repeat read >= 0.9x tmpfs", "memcachefs_repeat", "tmpfs", 0.9),
-    Goal("cold read >= 0.9x raw source read", "memcachefs_cold", "source_raw", 0.9),
-)
-SUITE = tuple(
-    n for n in SCENARIOS if n not in ("memcachefs_cached_nopush", "memcachefs_repeat_steady")
-)
-SUITE_GOALS = (
-    Goal(
-        "cached, cold kernel cache >= 0.9x the reference FUSE fs",
-        "memcachefs_cached",
-        "reference",
-        0.9,
-    ),
-    Goal("cached, cold kernel cache, against tmpfs (reported)", "memcachefs_cached", "tmpfs", 0),
-    Goal("repeat read >= 0.9x tmpfs", "memcachefs_repeat", "tmpfs", 0.9),
-    Goal("first read after a warm-up >= 0.8x tmpfs", "memcachefs_first_after_warmup", "tmpfs", 0.8),
-    Goal(
-        "mmap safetensors load from cache >= 0.5x the same load from tmpfs",
-        "memcachefs_safetensors",
-        "safetensors_tmpfs",
-        0.5,
-    ),
-    Goal("remote hit >= 0.6x loopback TCP", "memcachefs_remote_hit", "loopback_tcp", 0.6),
-    Goal("cold >= 0.9x the raw source", "memcachefs_cold", "source_raw", 0.9),
-    Goal("repeat reads >= 10x rclone's repeat reads", "memcachefs_repeat", "rclone_repeat", 10),
-    Goal(
-        "cached, cold kernel cache >= 2x s3fs use_cache cached",
-        "memcachefs_cached",
-        "s3fs_cache_cached",
-        2,
-    ),
-    Goal(
-        "3 instances cold-loading one model read <= 1.1x its size (bytes the source sent)",
-        "memcachefs_cold_3_instances",
-        "size",
-        1.1,
-        "source_bytes",
-        at_most=True,
-    ),
-    Goal(
-        "3 instances together: wall time against one instance alone (reported)",
-        "memcachefs_cold_3_instances",
-        "memcachefs_cold_1_instance",
-        0,
-        "seconds",
-    ),
-)
+]
+CORE_GOALS = goals("""
+memcachefs_cached        reference  0.9 gbps cached, cold page cache >= 0.9x reference FUSE
+memcachefs_cached_nopush reference  0.9 gbps (the same without the page-cache push) >= 0.9x reference
+memcachefs_repeat        tmpfs      0.9 gbps repeat read >= 0.9x tmpfs
+memcachefs_cold          source_raw 0.9 gbps cold read >= 0.9x raw source read
+""")  # noqa: E501
+SUITE = [n for n in SCENARIOS if n not in ("memcachefs_cached_nopush", "memcachefs_repeat_steady")]
+SUITE_GOALS = goals("""
+memcachefs_cached             reference         0.9 gbps cached, cold kernel cache >= 0.9x the reference FUSE fs
+memcachefs_cached             tmpfs             0   gbps cached, cold kernel cache, against tmpfs (reported)
+memcachefs_repeat             tmpfs             0.9 gbps repeat read >= 0.9x tmpfs
+memcachefs_first_after_warmup tmpfs             0.8 gbps first read after a warm-up >= 0.8x tmpfs
+memcachefs_safetensors        safetensors_tmpfs 0.5 gbps mmap safetensors load from cache >= 0.5x the same load from tmpfs
+memcachefs_remote_hit         loopback_tcp      0.6 gbps remote hit >= 0.6x loopback TCP
+memcachefs_cold               source_raw        0.9 gbps cold >= 0.9x the raw source
+memcachefs_repeat             rclone_repeat     10  gbps repeat reads >= 10x rclone's repeat reads
+memcachefs_cached             s3fs_cache_cached 2   gbps cached, cold kernel cache >= 2x s3fs use_cache cached
+memcachefs_cold_3_instances   size          <=1.1 source_bytes 3 instances cold-loading one model read <= 1.1x its size (bytes the source sent)
+memcachefs_cold_3_instances   memcachefs_cold_1_instance 0 seconds 3 instances together: wall time against one instance alone (reported)
+""")  # noqa: E501
 
 
 def not_built(args: argparse.Namespace) -> dict[str, Any]:
@@ -497,7 +447,7 @@ def run_scenarios(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
     if args.source != "s3" and any(SCENARIOS[n].group == "alternatives" for n in names):
         names = [n for n in names if SCENARIOS[n].group != "alternatives"]
         notes.append("the alternatives (rclone, s3fs use_cache) need --source s3: not run")
-    records = {n: Record(n, **SCENARIOS[n].__dict__) for n in names}
+    records = {n: Record(**SCENARIOS[n].__dict__) for n in names}
     bench = Bench(args, records)
     started, load_start = time.time(), lib.load_average()
     bench.run()

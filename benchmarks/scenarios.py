@@ -99,9 +99,6 @@ class Bench:
     def wants(self, name: str) -> bool:
         return name in self.records
 
-    def drop(self, path: Path) -> Callable[[], None]:
-        return lambda: lib.drop_page_cache(path, global_drop=self.global_drop)
-
     def read(self, path: Path) -> Callable[[], Sample]:
         return lambda: lib.read_file(path, self.args.buffer)
 
@@ -110,7 +107,8 @@ class Bench:
         name: str,
         operation: Callable[[], Sample],
         *,
-        before: Callable[[], None] | None = None,
+        drop: Path | None = None,
+        daemons: Sequence[MountedFS] = (),
         pids: Sequence[int] = (),
         counters: Callable[[], dict[str, int]] | None = None,
     ) -> Sample | None:
@@ -118,8 +116,11 @@ class Bench:
         if name not in self.records:
             return None
         record = self.records[name]
-        if before:
-            before()
+        if drop:
+            lib.drop_page_cache(drop, global_drop=self.global_drop)
+        pids = [*pids, *(d.pid for d in daemons)]
+        if daemons and not counters:
+            counters = functools.partial(lib.daemon_counters, *daemons)
         cpu0 = sum(lib.cpu_seconds(pid) for pid in pids)
         counters0 = counters() if counters else {}
         tx0 = self.src.tx_bytes() if self.src else None
@@ -143,19 +144,6 @@ class Bench:
         )
         lib.eprint(f"  {name:<32} {shown}")
         return sample
-
-    @staticmethod
-    def of(*daemons: MountedFS) -> dict[str, Any]:
-        """measure()'s pids and counters for memcachefs daemons (summed)."""
-
-        def counters() -> dict[str, int]:
-            total: dict[str, int] = {}
-            for daemon in daemons:
-                for key, value in lib.daemon_counters(daemon.path).items():
-                    total[key] = total.get(key, 0) + value
-            return total
-
-        return {"pids": [d.pid for d in daemons], "counters": counters}
 
     def mount(self, name: str, args: Sequence[str] = ()) -> MountedFS:
         mountpoint = self.work / "mnt" / name
@@ -229,10 +217,8 @@ class Bench:
         copy = self.shm / "copy-of-source.bin"
         for rep in range(self.args.cold_repeat):
             lib.eprint(f"source reads {rep + 1}/{self.args.cold_repeat}")
-            self.measure("source_raw", self.read(source), before=self.drop(source))
-            if self.measure(
-                "shm_copy", lambda: lib.copy_file(source, copy), before=self.drop(source)
-            ):
+            self.measure("source_raw", self.read(source), drop=source)
+            if self.measure("shm_copy", lambda: lib.copy_file(source, copy), drop=source):
                 self.measure("shm_copy_read", self.read(copy))
                 copy.unlink()
             self.measure("ttfb_source", lambda: lib.first_byte(source))
@@ -240,9 +226,9 @@ class Bench:
     def cold_read(self, daemon: MountedFS) -> None:
         """A fresh daemon reads the data file (cold), then a new open() reads it again."""
         path = daemon.path / self.data
-        if not self.measure("memcachefs_cold", self.read(path), **self.of(daemon)):
+        if not self.measure("memcachefs_cold", self.read(path), daemons=[daemon]):
             lib.read_file(path)  # the warm-up the cached scenarios need
-        self.measure("memcachefs_first_after_warmup", self.read(path), **self.of(daemon))
+        self.measure("memcachefs_first_after_warmup", self.read(path), daemons=[daemon])
 
     def in_memory(self) -> None:
         """The main daemon's cold read, then every fast scenario, interleaved."""
@@ -263,7 +249,7 @@ class Bench:
                 if self.with_model:
                     model = main.path / self.model
                     if not self.measure(
-                        "memcachefs_cold_1_instance", self.read(model), **self.of(main)
+                        "memcachefs_cold_1_instance", self.read(model), daemons=[main]
                     ):
                         lib.read_file(model)
             if self.wants("memcachefs_cached_nopush"):
@@ -288,7 +274,7 @@ class Bench:
                     self.measure(
                         "reference",
                         self.read(ref_file),
-                        before=self.drop(ref_file),
+                        drop=ref_file,
                         pids=[reference.pid],
                         counters=counters,
                     )
@@ -298,32 +284,32 @@ class Bench:
                     self.measure(
                         "memcachefs_cached_nopush",
                         self.read(path),
-                        before=self.drop(path),
-                        **self.of(nopush),
+                        drop=path,
+                        daemons=[nopush],
                     )
                 if not main:
                     continue
-                data, model, of = main.path / self.data, main.path / self.model, self.of(main)
-                self.measure("memcachefs_cached", self.read(data), before=self.drop(data), **of)
-                self.measure("memcachefs_repeat", self.read(data), **of)
-                self.measure("memcachefs_repeat_steady", self.read(data), **of)
+                data, model = main.path / self.data, main.path / self.model
+                self.measure("memcachefs_cached", self.read(data), drop=data, daemons=[main])
+                self.measure("memcachefs_repeat", self.read(data), daemons=[main])
+                self.measure("memcachefs_repeat_steady", self.read(data), daemons=[main])
                 self.measure(
                     "memcachefs_safetensors",
                     lambda: lib.load_safetensors(model),
-                    before=self.drop(model),
-                    **of,
+                    drop=model,
+                    daemons=[main],
                 )
                 self.measure(
                     "memcachefs_random_4m",
                     lambda: lib.random_preads(data, seed=rep),
-                    before=self.drop(data),
-                    **of,
+                    drop=data,
+                    daemons=[main],
                 )
                 self.measure(
                     "memcachefs_ttfb_warm",
                     lambda: lib.first_byte(data),
-                    before=self.drop(data),
-                    pids=[main.pid],
+                    drop=data,
+                    daemons=[main],
                 )
         finally:
             for daemon in (d for d in (main, nopush) if d):
@@ -363,8 +349,8 @@ class Bench:
                         self.measure(
                             "memcachefs_remote_hit",
                             self.read(b.path / self.data),
-                            pids=[b.pid, holder.pid],
-                            counters=self.of(b)["counters"],
+                            pids=[holder.pid],
+                            daemons=[b],
                         )
         for rep in range(self.args.cold_repeat if self.wants("memcachefs_cold_3_instances") else 0):
             lib.eprint(f"3 instances cold-load the model {rep + 1}/{self.args.cold_repeat}")
@@ -389,14 +375,14 @@ class Bench:
                     for i, port in enumerate(ports)
                 ]
                 self.measure(
-                    "memcachefs_cold_3_instances", lambda: self.together(group), **self.of(*group)
+                    "memcachefs_cold_3_instances", lambda: self.together(group), daemons=group
                 )
             if rep and self.wants("memcachefs_cold_1_instance"):  # the main daemon gave sample 1
                 with self.fresh(f"alone-{rep}") as alone:
                     self.measure(
                         "memcachefs_cold_1_instance",
                         self.read(alone.path / self.model),
-                        **self.of(alone),
+                        daemons=[alone],
                     )
 
     def together(self, group: list[MountedFS]) -> Sample:
@@ -443,13 +429,9 @@ class Bench:
                 path, pid = alt.mountpoint / self.data, alt.pids
                 for _rep in range(self.args.cold_repeat):
                     alt.clear_cache()
-                    self.measure(
-                        f"{label}_cold", self.read(path), before=self.drop(path), pids=pid()
-                    )
+                    self.measure(f"{label}_cold", self.read(path), drop=path, pids=pid())
                 for _rep in range(self.args.repeat):  # the last cold read filled its cache
-                    self.measure(
-                        f"{label}_cached", self.read(path), before=self.drop(path), pids=pid()
-                    )
+                    self.measure(f"{label}_cached", self.read(path), drop=path, pids=pid())
                     self.measure(f"{label}_repeat", self.read(path), pids=pid())
                 self.records[f"{label}_cached"].extra["cache_dir_bytes"] = [alt.cache_bytes()]
 
