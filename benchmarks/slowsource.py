@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rclone", action="store_true", help="up: also mount rclone")
     parser.add_argument("--s3fs-cache", action="store_true", help="up: also mount s3fs use_cache")
     parser.add_argument("--workdir", type=Path, default=WORKDIR, help="object data, mounts, logs")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         if args.command == "install":
             ensure_installed()
