@@ -318,48 +318,40 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+RSS_ROWS = """
+capacity C | {capacity_bytes} MiB
+working set | {files} files x {file_bytes} MiB = {factor:.1f} x C
+readers | {readers} processes (half random, half sequential {read_kib} KiB reads), {duration_s:.0f} s
+read through the daemon | {gib_read:.1f} GiB, {throughput_gbps:.2f} GB/s
+hits / misses / evictions | {hits} / {misses} / {evictions}
+daemon RSS idle | {rss_idle_bytes} MiB
+daemon peak RSS (VmHWM / sampled VmRSS) | {peak_rss_hwm_bytes} / {peak_rss_sampled_bytes} MiB
+bound 1.1 x C + 100 MiB | {bound_bytes} MiB
+peak RSS / bound | {of_bound:.2f}
+store: max used / max used+reserved+spare | {max_used_bytes} / {max_held_bytes} MiB
+reader errors | {reader_errors}
+result | {verdict}
+"""  # noqa: E501
+
+
 def rss_markdown(r: dict[str, Any]) -> str:
-    end, mib = r["stats_end"], lambda key: f"{r[key] / MiB:.0f}"
-    rows = [
-        ["capacity C", f"{mib('capacity_bytes')} MiB"],
-        [
-            "working set",
-            f"{r['files']} files x {mib('file_bytes')} MiB = "
-            f"{r['working_set_bytes'] / r['capacity_bytes']:.1f} x C",
-        ],
-        [
-            "readers",
-            f"{r['readers']} processes (half random, half sequential "
-            f"{r['read_bytes'] // 1024} KiB reads), {r['duration_s']:.0f} s",
-        ],
-        [
-            "read through the daemon",
-            f"{r['bytes_read'] / lib.GiB:.1f} GiB, {r['throughput_gbps']:.2f} GB/s",
-        ],
-        ["hits / misses / evictions", f"{end['hits']} / {end['misses']} / {end['evictions']}"],
-        ["daemon RSS idle", f"{mib('rss_idle_bytes')} MiB"],
-        [
-            "daemon peak RSS (VmHWM / sampled VmRSS)",
-            f"{mib('peak_rss_hwm_bytes')} / {mib('peak_rss_sampled_bytes')} MiB",
-        ],
-        ["bound 1.1 x C + 100 MiB", f"{mib('bound_bytes')} MiB"],
-        ["peak RSS / bound", f"{r['peak_rss_hwm_bytes'] / r['bound_bytes']:.2f}"],
-        [
-            "store: max used / max used+reserved+spare",
-            f"{mib('max_used_bytes')} / {mib('max_held_bytes')} MiB",
-        ],
-        ["reader errors", str(r["reader_errors"])],
-        ["result", "PASS" if r["ok"] else "FAIL"],
-    ]
-    start, end_load = (
+    values = r | r["stats_end"] | {k: round(v / MiB) for k, v in r.items() if k.endswith("bytes")}
+    values |= {
+        "factor": r["working_set_bytes"] / r["capacity_bytes"],
+        "read_kib": r["read_bytes"] // 1024,
+        "gib_read": r["bytes_read"] / lib.GiB,
+        "of_bound": r["peak_rss_hwm_bytes"] / r["bound_bytes"],
+        "verdict": "PASS" if r["ok"] else "FAIL",
+    }
+    rows = [line.format(**values).split(" | ") for line in RSS_ROWS.strip().splitlines()]
+    start, end = (
         ", ".join(f"{x:.2f}" for x in r[k]) for k in ("load_average_start", "load_average_end")
     )
     lines = [
         f"Command: `{r['command']}`",
         "",
         lib.describe(r["machine"], r["code"]),
-        f"Load average before the readers started: {start}; at the end (readers included): "
-        f"{end_load}.",
+        f"Load average before the readers started: {start}; at the end (readers included): {end}.",
         "",
         *table(["", ""], rows),
     ]

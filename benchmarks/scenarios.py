@@ -14,6 +14,7 @@ it would run.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import functools
 import multiprocessing
@@ -332,25 +333,23 @@ class Bench:
                     "memcachefs_ttfb_cold", lambda: lib.first_byte(path), pids=[daemon.pid]
                 )
 
+    @staticmethod
+    def peering(port: int, *peers: int) -> list[str]:
+        """memcachefs options: listen on `port` of loopback, ask `peers`."""
+        asks = [arg for peer in peers for arg in ("--peer", f"127.0.0.1:{peer}")]
+        return ["--listen", f"127.0.0.1:{port}", *asks]
+
     def cluster(self) -> None:
         if self.wants("memcachefs_remote_hit"):
             port = lib.free_port()
-            with self.fresh("peer-a", ["--listen", f"127.0.0.1:{port}"]) as holder:
+            with self.fresh("peer-a", self.peering(port)) as holder:
                 lib.eprint("remote hit: instance A reads the file once (from the source)")
                 lib.read_file(holder.path / self.data)
                 for rep in range(self.args.repeat):
-                    args = [
-                        "--listen",
-                        f"127.0.0.1:{lib.free_port()}",
-                        "--peer",
-                        f"127.0.0.1:{port}",
-                    ]
-                    with self.fresh(f"peer-b-{rep}", args) as b:
+                    with self.fresh(f"peer-b-{rep}", self.peering(lib.free_port(), port)) as b:
+                        path = b.path / self.data
                         self.measure(
-                            "memcachefs_remote_hit",
-                            self.read(b.path / self.data),
-                            pids=[holder.pid],
-                            daemons=[b],
+                            "memcachefs_remote_hit", self.read(path), pids=[holder.pid], daemons=[b]
                         )
         for rep in range(self.args.cold_repeat if self.wants("memcachefs_cold_3_instances") else 0):
             lib.eprint(f"3 instances cold-load the model {rep + 1}/{self.args.cold_repeat}")
@@ -358,61 +357,32 @@ class Bench:
             with contextlib.ExitStack() as stack:
                 group = [
                     stack.enter_context(
-                        self.fresh(
-                            f"trio-{rep}-{i}",
-                            [
-                                "--listen",
-                                f"127.0.0.1:{port}",
-                                *[
-                                    a
-                                    for p in ports
-                                    if p != port
-                                    for a in ("--peer", f"127.0.0.1:{p}")
-                                ],
-                            ],
-                        )
+                        self.fresh(f"trio-{rep}-{i}", self.peering(*ports[i:], *ports[:i]))
                     )
-                    for i, port in enumerate(ports)
+                    for i in range(len(ports))
                 ]
                 self.measure(
                     "memcachefs_cold_3_instances", lambda: self.together(group), daemons=group
                 )
             if rep and self.wants("memcachefs_cold_1_instance"):  # the main daemon gave sample 1
                 with self.fresh(f"alone-{rep}") as alone:
-                    self.measure(
-                        "memcachefs_cold_1_instance",
-                        self.read(alone.path / self.model),
-                        daemons=[alone],
-                    )
+                    path = alone.path / self.model
+                    self.measure("memcachefs_cold_1_instance", self.read(path), daemons=[alone])
 
     def together(self, group: list[MountedFS]) -> Sample:
         """Every instance reads the model at once; wall time until the last one is done."""
-        results: list[Sample | BaseException] = [RuntimeError("not run")] * len(group)
-        barrier = threading.Barrier(len(group) + 1)
+        barrier = threading.Barrier(len(group))
 
-        def reader(i: int) -> None:
-            try:
-                barrier.wait()
-                results[i] = lib.read_file(group[i].path / self.model, self.args.buffer)
-            except BaseException as error:
-                results[i] = error
+        def read(daemon: MountedFS) -> Sample:
+            barrier.wait()
+            return lib.read_file(daemon.path / self.model, self.args.buffer)
 
-        threads = [
-            threading.Thread(target=reader, args=(i,), daemon=True) for i in range(len(group))
-        ]
-        for thread in threads:
-            thread.start()
-        barrier.wait()
         start = time.perf_counter()
-        for thread in threads:
-            thread.join()
+        with concurrent.futures.ThreadPoolExecutor(len(group)) as pool:
+            results = list(pool.map(read, group))  # raises what a reader raised
         wall = time.perf_counter() - start
-        if not all(isinstance(r, Sample) for r in results):
-            raise RuntimeError(f"a cluster reader failed: {results!r}")
-        per_instance = [r.gbps for r in results if isinstance(r, Sample)]
-        self.records["memcachefs_cold_3_instances"].extra.setdefault(
-            "per_instance_gbps", []
-        ).append(per_instance)
+        extra = self.records["memcachefs_cold_3_instances"].extra
+        extra.setdefault("per_instance_gbps", []).append([r.gbps for r in results])
         return Sample(self.model_size, wall)
 
     def alternatives(self) -> None:
