@@ -93,8 +93,7 @@ class Bench:
         self.model = "model.safetensors"
         self.model_size = 0
         self.with_model = bool(MODEL_SCENARIOS & set(records))
-        both = 2 if self.with_model else 1
-        self.capacity = str(max(both * self.size + self.size // 4, 64 * MiB) // MiB * MiB)
+        self.source, self.capacity = self.work / "data", ""  # set by prepare()
 
     # -- helpers
     def wants(self, name: str) -> bool:
@@ -203,6 +202,8 @@ class Bench:
         if self.with_model:
             self.model_size = (folder / self.model).stat().st_size
         self.size = (folder / self.data).stat().st_size
+        held = self.size + self.model_size  # the main daemon holds both files, and a quarter more
+        self.capacity = str(max(held + self.size // 4, 64 * MiB) // MiB * MiB)
         os.sync()
         if mode == "s3":
             files = [folder / name for name, _ in writers]
