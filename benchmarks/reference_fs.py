@@ -15,6 +15,7 @@ The xattr ``user.reference.stats`` of the root counts the READs it answered.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
@@ -27,7 +28,9 @@ import pyfuse3
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fill_buffer, parse_size
+from lib import fill_buffer
+from memcachefs import mounts
+from memcachefs.config import parse_size
 
 FILE_INODE = pyfuse3.ROOT_INODE + 1
 STATS_XATTR = b"user.reference.stats"  # {"reads": n, "read_bytes": n} on the root
@@ -116,26 +119,18 @@ class ReferenceFS(pyfuse3.Operations):
         raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 
 
-def _mount_device(mountpoint: str) -> str | None:
-    with open("/proc/self/mountinfo") as f:
-        found = None
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint:
-                found = fields[2]
-    return found
-
-
-def _set_read_ahead(device: str, kib: int) -> str:
-    path = Path("/sys/class/bdi") / device / "read_ahead_kb"
-    try:
-        path.write_text(f"{kib}\n")
-    except OSError as error:
-        print(f"warning: cannot set {path}: {error.strerror}", file=sys.stderr, flush=True)
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return "?"
+def _read_ahead(mountpoint: str, kib: int) -> tuple[str, str]:
+    """Set the mount's kernel readahead; (its device, the value now in effect)."""
+    entry = mounts.find_mount(mountpoint)
+    if entry is None:
+        return "?", "?"
+    if kib:
+        mounts.set_read_ahead(entry.device, kib)
+    with contextlib.suppress(OSError):
+        return entry.device, (
+            Path("/sys/class/bdi") / entry.device / "read_ahead_kb"
+        ).read_text().strip()
+    return entry.device, "?"
 
 
 async def _serve(mountpoint: str, read_ahead_kib: int) -> None:
@@ -143,10 +138,7 @@ async def _serve(mountpoint: str, read_ahead_kib: int) -> None:
 
         async def announce() -> None:
             await trio.to_thread.run_sync(os.stat, mountpoint)  # answered once INIT is done
-            device = _mount_device(mountpoint) or "?"
-            actual = "?"
-            if device != "?" and read_ahead_kib:
-                actual = await trio.to_thread.run_sync(_set_read_ahead, device, read_ahead_kib)
+            device, actual = await trio.to_thread.run_sync(_read_ahead, mountpoint, read_ahead_kib)
             print(f"ready {device} read_ahead_kb={actual}", flush=True)
 
         async def stop_on_signal() -> None:
@@ -199,7 +191,7 @@ def main() -> int:
         trio.run(_serve, mountpoint, args.read_ahead_kb)
         unmounted = True
     finally:
-        pyfuse3.close(unmount=True if unmounted else _mount_device(mountpoint) is not None)
+        pyfuse3.close(unmount=True if unmounted else mounts.find_mount(mountpoint) is not None)
     print(f"served {fs.reads} reads, {fs.read_bytes} bytes", file=sys.stderr, flush=True)
     return 0
 

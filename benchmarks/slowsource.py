@@ -1,49 +1,24 @@
-#!/usr/bin/env python3
 """A real slow source for the benchmarks: S3 in a rate-capped network namespace.
 
-The seeds' source is an object-storage bucket mounted through an s3fs-like FUSE
-client. This module stands up the same stack on one machine (see
-``shared/guide/slow-source.md``):
+* ``s3rver`` (a Node S3 server, objects on local disk) runs inside the network
+  namespace ``memcachefs-bench`` on ``10.203.0.2:4568``;
+* a veth pair ``mcfsb-host`` (10.203.0.1/30) <-> ``mcfsb-ns`` (10.203.0.2/30), with
+  ``tc tbf`` on the namespace side's egress: everything the server sends is capped;
+* ``s3fs`` mounts the bucket ``ro,direct_io``: that mount is the source.
 
-* ``s3rver`` (a Node S3 server, files on local disk) running *inside* a network
-  namespace ``memcachefs-bench``, listening on ``10.203.0.2:PORT``;
-* a veth pair ``mcfsb-host`` (10.203.0.1/30) <-> ``mcfsb-ns`` (10.203.0.2/30);
-* ``tc tbf`` on the namespace side's egress, so everything the server sends is
-  capped at ``rate`` (default 400mbit, ``0`` = uncapped);
-* ``s3fs`` mounting the bucket ``ro,direct_io`` (no kernel page cache, as on an
-  OSS FUSE mount): that mount is the *source* the benchmarks read.
+The namespace side's ``tx_bytes`` is every byte the server sent. The same bucket can
+be mounted by the alternatives a user would choose instead: rclone
+``--vfs-cache-mode full`` and s3fs ``use_cache``, caches on /dev/shm. Only
+10.203.0.0/30 and loopback are used. See SLOW_SOURCE.md.
 
-The namespace side's ``tx_bytes`` counter is every byte the server sent, i.e.
-what was read from the source (payload plus HTTP/TCP/IP overhead).
+    with SlowSource([path, ...], rate="400mbit") as src:
+        src.mountpoint, src.tx_bytes()
+        with src.alternative("rclone") as alt:  # or "s3fs_cache"
+            alt.mountpoint, alt.clear_cache()
 
-The same bucket can be mounted by the alternatives a user would otherwise
-choose: ``rclone mount --vfs-cache-mode full`` and ``s3fs -o use_cache``, both
-with their cache on /dev/shm.
-
-Library use::
-
-    from slowsource import SlowSource
-
-    with SlowSource(["/var/tmp/model.safetensors"], rate="400mbit") as src:
-        src.mountpoint            # Path of the s3fs ro,direct_io mount
-        before = src.tx_bytes()   # int (None in plain mode)
-        with src.rclone() as alt:   # or src.s3fs_cache()
-            alt.mountpoint; alt.clear_cache()
-
-    with SlowSource(files, plain=True) as src:   # smoke mode: a plain directory
-        ...
-
-CLI (root)::
-
-    python3 benchmarks/slowsource.py install
-    python3 benchmarks/slowsource.py up [--rate 400mbit] [--rclone] [--s3fs-cache] FILE...
-    python3 benchmarks/slowsource.py status [--json]
-    python3 benchmarks/slowsource.py down
-
-Everything created is recorded in ``/run/memcachefs-bench.json`` as it is
-created, so ``down`` (from any process) removes leftovers: it unmounts, kills
-the recorded pids (checked against their start time), and deletes the veth and
-the namespace. Only the standard library is used, so any ``python3`` runs it.
+CLI (root): ``python benchmarks/slowsource.py install | up FILE... | status | down``.
+The namespace is the lock: while it exists (a run, ``up``, or what a killed run
+left) a second start is refused, and ``down`` removes everything by name.
 """
 
 from __future__ import annotations
@@ -60,570 +35,146 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-NETNS = "memcachefs-bench"
-VETH_HOST = "mcfsb-host"
-VETH_NS = "mcfsb-ns"
-HOST_ADDR = "10.203.0.1"
-NS_ADDR = "10.203.0.2"
-PREFIX_LEN = 30
-DEFAULT_PORT = 4568
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lib
+from memcachefs import mounts
+
+NETNS, VETH_HOST, VETH_NS = "memcachefs-bench", "mcfsb-host", "mcfsb-ns"
+HOST_ADDR, NS_ADDR, PORT = "10.203.0.1", "10.203.0.2", 4568
 DEFAULT_RATE = "400mbit"
 BUCKET = "memcachefs-bench"
-ACCESS_KEY = "S3RVER"  # s3rver's built-in credentials
-SECRET_KEY = "S3RVER"
+KEY = "S3RVER"  # s3rver's built-in access key and secret
 S3RVER_VERSION = "3.7.1"
-
-STATE_FILE = Path(os.environ.get("MEMCACHEFS_BENCH_STATE", "/run/memcachefs-bench.json"))
-WORKDIR = Path(os.environ.get("MEMCACHEFS_BENCH_WORKDIR", "/var/tmp/memcachefs-slowsource"))
-SHM_DIR = Path(os.environ.get("MEMCACHEFS_BENCH_SHM", "/dev/shm/memcachefs-slowsource"))
-CACHE_DIR = Path(__file__).resolve().parent / ".cache"
-NODE_PREFIX = CACHE_DIR / "node"
+WORKDIR = Path("/var/tmp/memcachefs-slowsource")
+SHM_DIR = Path("/dev/shm/memcachefs-slowsource")
+NODE_PREFIX = Path(__file__).resolve().parent / ".cache" / "node"
 S3RVER_JS = NODE_PREFIX / "node_modules" / "s3rver" / "bin" / "s3rver.js"
-
-_S3RVER_SUFFIX = "._S3rver_"
 
 
 class SlowSourceError(RuntimeError):
     """Standing up or using the slow source failed."""
 
 
-class AlternativeUnavailable(SlowSourceError):
-    """The alternative needs the S3 stack (not available in plain mode)."""
+def _run(*cmd: str, timeout: float = 600) -> str:
+    proc = subprocess.run(cmd, text=True, capture_output=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise SlowSourceError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
 
 
-# --------------------------------------------------------------------------- helpers
-
-
-def _log(msg: str) -> None:
-    print(f"[slowsource] {msg}", file=sys.stderr, flush=True)
-
-
-def _run(
-    cmd: list[str], *, check: bool = True, capture: bool = True, timeout: float = 600
-) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(cmd, text=True, capture_output=capture, timeout=timeout, check=False)
-    if check and proc.returncode != 0:
-        err = (proc.stderr or "").strip() if capture else ""
-        raise SlowSourceError(f"{' '.join(cmd)} failed ({proc.returncode}): {err}")
-    return proc
-
-
-def _require_root() -> None:
-    if os.geteuid() != 0:
-        raise SlowSourceError("the S3 slow source needs root (netns, tc, mounts)")
-
-
-def _proc_starttime(pid: int) -> int | None:
-    """Start time of a process in clock ticks since boot (None if gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # comm may contain spaces and parentheses: split after the last ')'
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return int(fields[19])
-
-
-def _pid_alive(pid: int, starttime: int | None) -> bool:
-    st = _proc_starttime(pid)
-    if st is None:
-        return False
-    if starttime is not None and st != starttime:
-        return False  # pid reused by another process
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text()
-        return state[state.rindex(")") + 2] != "Z"
-    except OSError:
-        return False
-
-
-def _kill_pid(pid: int, starttime: int | None, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL, one recorded process (never by name)."""
-    if not _pid_alive(pid, starttime):
-        _reap(pid)
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        _reap(pid)
-        if not _pid_alive(pid, starttime):
-            return
-        time.sleep(0.05)
-    if _pid_alive(pid, starttime):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        for _ in range(100):
-            _reap(pid)
-            if not _pid_alive(pid, starttime):
-                return
-            time.sleep(0.05)
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)
-
-
-def _mounted(path: Path) -> bool:
-    target = str(path)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                mnt = line.split()[4].replace("\\040", " ")
-                if mnt == target:
-                    return True
-    except OSError:
-        pass
-    return False
-
-
-def _unmount(path: Path) -> None:
-    """Unmount a FUSE mount; lazily if it is busy; never raises."""
-    for _ in range(20):
-        if not _mounted(path):
-            return
-        r = subprocess.run(["fusermount3", "-u", str(path)], capture_output=True, check=False)
-        if r.returncode == 0 and not _mounted(path):
-            return
-        time.sleep(0.1)
-    for cmd in (["fusermount3", "-uz", str(path)], ["umount", "-l", str(path)]):
-        if not _mounted(path):
-            return
-        subprocess.run(cmd, capture_output=True, check=False)
-    if _mounted(path):
-        _log(f"warning: could not unmount {path}")
-
-
-def _clean_env() -> dict[str, str]:
-    """The environment without AWS_*/RCLONE_* (an AWS_CA_BUNDLE breaks rclone's S3 client)."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
-
-
-def _rate_arg(rate: str | int | None) -> str | None:
-    if rate is None:
-        return None
-    s = str(rate).strip()
-    if s in ("", "0", "none", "off", "uncapped"):
-        return None
-    if s.isdigit():
-        return s + "bit"
-    return s
-
-
-def _rmtree(path: Path) -> None:
-    if path.exists() and not _mounted(path):
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# --------------------------------------------------------------------------- install
-
-
-def _have(cmd: str) -> bool:
-    return shutil.which(cmd) is not None
-
-
-def ensure_installed(*, alternatives: bool = True) -> None:
-    """Install s3fs, rclone, node/npm and s3rver if missing (idempotent; root)."""
-    apt: list[str] = []
-    if not _have("s3fs"):
-        apt.append("s3fs")
-    if alternatives and not _have("rclone"):
-        apt.append("rclone")
-    if not _have("node"):
-        apt.append("nodejs")
-    if not _have("npm"):
-        apt.append("npm")
-    if not _have("fusermount3"):
-        apt.append("fuse3")
-    if not _have("ip") or not _have("tc"):
-        apt.append("iproute2")
+def ensure_installed() -> None:
+    """apt-get s3fs, rclone, node/npm, fuse3, iproute2 and npm s3rver where missing."""
+    wanted = {"s3fs": "s3fs", "rclone": "rclone", "node": "nodejs", "npm": "npm"}
+    wanted |= {"fusermount3": "fuse3", "ip": "iproute2", "tc": "iproute2"}
+    apt = sorted({package for cmd, package in wanted.items() if not shutil.which(cmd)})
     if apt:
-        _require_root()
-        _log(f"apt-get install {' '.join(apt)}")
-        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-        r = subprocess.run(
-            ["apt-get", "install", "-y", "--no-install-recommends", *apt],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if r.returncode != 0:
-            subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
-            r = subprocess.run(
-                ["apt-get", "install", "-y", "--no-install-recommends", *apt],
-                env=env,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if r.returncode != 0:
-                raise SlowSourceError(f"apt-get install {apt} failed: {r.stderr[-2000:]}")
-    if not _s3rver_installed():
-        NODE_PREFIX.mkdir(parents=True, exist_ok=True)
-        _log(f"npm install s3rver@{S3RVER_VERSION} into {NODE_PREFIX}")
-        _run(
-            [
-                "npm",
-                "install",
-                "--no-audit",
-                "--no-fund",
-                "--no-save",
-                "--prefix",
-                str(NODE_PREFIX),
-                f"s3rver@{S3RVER_VERSION}",
-            ],
-            timeout=900,
-        )
-        if not _s3rver_installed():
-            raise SlowSourceError("npm install s3rver did not produce s3rver.js")
+        lib.eprint(f"[slowsource] apt-get install {' '.join(apt)}")
+        os.environ["DEBIAN_FRONTEND"] = "noninteractive"
+        with contextlib.suppress(SlowSourceError):
+            _run("apt-get", "update")
+        _run("apt-get", "install", "-y", "--no-install-recommends", *apt)
+    package = NODE_PREFIX / "node_modules" / "s3rver" / "package.json"
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(package.read_text()).get("version") == S3RVER_VERSION:
+            return
+    lib.eprint(f"[slowsource] npm install s3rver@{S3RVER_VERSION} into {NODE_PREFIX}")
+    NODE_PREFIX.mkdir(parents=True, exist_ok=True)
+    npm = ["npm", "install", "--no-audit", "--no-fund", "--no-save", "--prefix"]
+    _run(*npm, str(NODE_PREFIX), f"s3rver@{S3RVER_VERSION}", timeout=900)
 
 
-def _s3rver_installed() -> bool:
-    pkg = NODE_PREFIX / "node_modules" / "s3rver" / "package.json"
-    try:
-        return json.loads(pkg.read_text()).get("version") == S3RVER_VERSION and S3RVER_JS.exists()
-    except (OSError, ValueError):
-        return False
+@dataclass
+class FuseClient:
+    """A FUSE client (s3fs, rclone) we run in the foreground; memcachefs.mounts unmounts it."""
 
+    argv: list[str]
+    mountpoint: Path
+    log: Path
+    cache_dir: Path | None = None
+    process: subprocess.Popen[bytes] | None = None
 
-# --------------------------------------------------------------------------- state
-
-
-class _State:
-    """What has been created, written to STATE_FILE after every change."""
-
-    def __init__(self, path: Path = STATE_FILE) -> None:
-        self.path = path
-        self.data: dict[str, Any] = {
-            "owner_pid": os.getpid(),
-            "owner_starttime": _proc_starttime(os.getpid()),
-            "netns": None,
-            "veth": None,
-            "pids": [],
-            "mounts": [],
-            "dirs": [],
-            "info": {},
-        }
-
-    def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2))
-        os.replace(tmp, self.path)
-
-    def add_pid(self, name: str, pid: int) -> None:
-        self.data["pids"].append({"name": name, "pid": pid, "starttime": _proc_starttime(pid)})
-        self.save()
-
-    def remove_pid(self, pid: int) -> None:
-        self.data["pids"] = [p for p in self.data["pids"] if p["pid"] != pid]
-        self.save()
-
-    def add_mount(self, path: Path) -> None:
-        if str(path) not in self.data["mounts"]:
-            self.data["mounts"].append(str(path))
-            self.save()
-
-    def remove_mount(self, path: Path) -> None:
-        self.data["mounts"] = [m for m in self.data["mounts"] if m != str(path)]
-        self.save()
-
-    def add_dir(self, path: Path) -> None:
-        if str(path) not in self.data["dirs"]:
-            self.data["dirs"].append(str(path))
-            self.save()
-
-    @staticmethod
-    def load(path: Path = STATE_FILE) -> dict[str, Any] | None:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
-
-
-def teardown(state_path: Path = STATE_FILE, *, verbose: bool = False) -> None:
-    """Remove everything recorded in the state file, and known leftovers by name.
-
-    Safe to call any number of times, from any process; never raises.
-    """
-    data = _State.load(state_path) or {}
-    say = _log if verbose else (lambda _m: None)
-    # 1. mounts (newest first), including any under our directories
-    mounts = list(reversed(data.get("mounts", [])))
-    # (only our own subdirectories: other tools may use neighbouring paths)
-    info = data.get("info", {})
-    workdir = Path(info.get("workdir") or WORKDIR)
-    shm_dir = Path(info.get("shm_dir") or SHM_DIR)
-    for prefix in (str(workdir / "mnt") + "/", str(shm_dir) + "/"):
-        try:
-            with open("/proc/self/mountinfo") as f:
-                for line in f:
-                    mnt = line.split()[4].replace("\\040", " ")
-                    if mnt.startswith(prefix) and mnt not in mounts:
-                        mounts.append(mnt)
-        except OSError:
-            pass
-    for m in mounts:
-        if _mounted(Path(m)):
-            say(f"unmount {m}")
-        _unmount(Path(m))
-    # 2. recorded processes, newest first
-    for p in reversed(data.get("pids", [])):
-        if _pid_alive(p["pid"], p.get("starttime")):
-            say(f"kill {p['name']} pid {p['pid']}")
-        _kill_pid(p["pid"], p.get("starttime"))
-    # 3. anything still running inside our namespace (it is ours by construction)
-    ns = data.get("netns") or NETNS
-    if Path(f"/run/netns/{ns}").exists():
-        r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, check=False)
-        for tok in r.stdout.split():
-            if tok.isdigit():
-                say(f"kill pid {tok} left in netns {ns}")
-                _kill_pid(int(tok), None)
-    # 4. network
-    veth = (data.get("veth") or {}).get("host", VETH_HOST)
-    if Path(f"/sys/class/net/{veth}").exists():
-        say(f"ip link del {veth}")
-        subprocess.run(["ip", "link", "del", veth], capture_output=True, check=False)
-    if Path(f"/run/netns/{ns}").exists():
-        say(f"ip netns del {ns}")
-        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
-    # 5. directories we created (object data, caches, mountpoints)
-    for d in reversed(data.get("dirs", [])):
-        _rmtree(Path(d))
-    with contextlib.suppress(FileNotFoundError):
-        state_path.unlink()
-
-
-# --------------------------------------------------------------------------- mounts
-
-
-class Mount:
-    """A FUSE mount run in the foreground by a child process we own.
-
-    ``mountpoint`` is the path; ``pid`` the FUSE daemon's pid; ``clear_cache()``
-    unmounts, wipes the cache directory and mounts again (a cold cache).
-    """
-
-    def __init__(
-        self,
-        name: str,
-        argv: list[str],
-        mountpoint: Path,
-        state: _State,
-        *,
-        cache_dir: Path | None = None,
-        env: Mapping[str, str] | None = None,
-        log_path: Path | None = None,
-        ready_timeout: float = 30.0,
-    ) -> None:
-        self.name = name
-        self.argv = argv
-        self.mountpoint = mountpoint
-        self.cache_dir = cache_dir
-        self.env = dict(env) if env is not None else _clean_env()
-        self.log_path = log_path
-        self.ready_timeout = ready_timeout
-        self._state = state
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def start(self) -> Mount:
-        if _mounted(self.mountpoint):
-            _unmount(self.mountpoint)
+    def start(self) -> FuseClient:
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        if self.cache_dir is not None:
+        if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self._state.add_mount(self.mountpoint)
-            self._proc = subprocess.Popen(
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RCLONE_"))}
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
                 self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                env=self.env,
-                start_new_session=True,  # a terminal's Ctrl-C reaches only us
+                env=env,
+                start_new_session=True,
             )
-        finally:
-            if log is not subprocess.DEVNULL:
-                log.close()  # type: ignore[union-attr]
-        self._state.add_pid(self.name, self._proc.pid)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise SlowSourceError(
-                    f"{self.name} exited with {self._proc.returncode}: {self._log_tail()}"
-                )
-            if _mounted(self.mountpoint):
-                with contextlib.suppress(OSError):
-                    os.listdir(self.mountpoint)
-                    return self
-            time.sleep(0.05)
-        raise SlowSourceError(
-            f"{self.name} did not mount in {self.ready_timeout}s: {self._log_tail()}"
-        )
+        if (
+            not lib.wait_until(
+                lambda: (
+                    mounts.find_mount(self.mountpoint) is not None
+                    or self.process.poll() is not None
+                ),
+                30,
+            )
+            or self.process.poll() is not None
+        ):
+            self.stop()
+            tail = self.log.read_text(errors="replace")[-2000:]
+            raise SlowSourceError(f"{self.argv[0]} did not mount {self.mountpoint}: {tail}")
+        return self
 
     def stop(self) -> None:
-        _unmount(self.mountpoint)
-        if self._proc is not None:
-            try:
-                self._proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                _kill_pid(self._proc.pid, None)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self._proc.wait(timeout=5)
-            self._state.remove_pid(self._proc.pid)
-            self._proc = None
-        self._state.remove_mount(self.mountpoint)
+        with contextlib.suppress(OSError):
+            mounts.unmount(self.mountpoint)
+        if self.process:
+            lib.stop(self.process)  # after an unmount the client exits on its own
+            self.process = None
 
     def clear_cache(self) -> None:
-        """Unmount, delete the cache directory's contents, mount again."""
+        """A cold cache: unmount, delete the cache directory, mount again."""
         self.stop()
-        if self.cache_dir is not None:
-            _rmtree(self.cache_dir)
+        if self.cache_dir:
+            shutil.rmtree(self.cache_dir, ignore_errors=True)
         self.start()
 
     def cache_bytes(self) -> int:
-        """Bytes allocated in the cache directory (0 without one)."""
-        if self.cache_dir is None:
-            return 0
-        total = 0
-        for root, _dirs, files in os.walk(self.cache_dir):
-            for f in files:
-                with contextlib.suppress(OSError):
-                    total += os.lstat(os.path.join(root, f)).st_blocks * 512
-        return total
+        walk = os.walk(self.cache_dir) if self.cache_dir else []
+        return sum(os.lstat(os.path.join(d, f)).st_blocks * 512 for d, _, fs in walk for f in fs)
 
-    def _log_tail(self) -> str:
-        if self.log_path and self.log_path.exists():
-            return self.log_path.read_text(errors="replace")[-2000:]
-        return ""
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process else []
 
-    def __enter__(self) -> Mount:
+    def __enter__(self) -> FuseClient:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
 
-# --------------------------------------------------------------------------- the source
-
-
-def _md5_file(path: Path) -> str:
-    """MD5 (s3rver's ETag) of a file, remembered by (dev, ino, size, mtime)."""
-    st = path.stat()
-    ident = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    memo = CACHE_DIR / "md5.json"
-    try:
-        known: dict[str, str] = json.loads(memo.read_text())
-    except (OSError, ValueError):
-        known = {}
-    if ident in known:
-        return known[ident]
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    known[ident] = h.hexdigest()
-    with contextlib.suppress(OSError):
-        CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        memo.write_text(json.dumps(known))
-    return known[ident]
-
-
-def _place(src: Path, dst: Path) -> None:
-    """Hard-link src to dst (same filesystem), else copy it."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
-            raise
-        shutil.copyfile(src, dst)
-
-
-def _normalize_files(
-    files: Iterable[str | os.PathLike[str]] | Mapping[str, Any] | None,
-) -> dict[str, Path]:
-    """{key: path}: a list of paths gives their basenames as keys."""
-    out: dict[str, Path] = {}
-    if files is None:
-        return out
-    items = files.items() if isinstance(files, Mapping) else ((None, f) for f in files)
-    for key, path in items:
-        p = Path(path).resolve()
-        if not p.is_file():
-            raise SlowSourceError(f"not a file: {p}")
-        k = str(key) if key is not None else p.name
-        k = k.strip("/")
-        if not k or ".." in k.split("/") or _S3RVER_SUFFIX in k:
-            raise SlowSourceError(f"bad object key: {k!r}")
-        out[k] = p
-    return out
-
-
 class SlowSource:
-    """The benchmark's source directory, real (S3 + netns + tc + s3fs) or plain.
-
-    Use as a context manager (``with SlowSource(files) as src``) or call
-    ``start()`` / ``close()``. Attributes once started:
-
-    * ``mountpoint`` (Path): the source directory to mount memcachefs over;
-      ``path(key)`` is a file in it.
-    * ``tx_bytes()`` -> int | None: bytes sent by the storage server so far
-      (the namespace veth's tx counter); None in plain mode.
-    * ``server_pid`` (int | None), ``endpoint`` (str | None), ``rate`` (str | None).
-    * ``rclone()`` / ``s3fs_cache()`` -> Mount: the alternatives (context managers).
-    """
+    """s3rver + netns + tc + s3fs, stood up by `start()` (or `with`), torn down by `close()`."""
 
     def __init__(
         self,
-        files: Iterable[str | os.PathLike[str]] | Mapping[str, Any] | None = None,
+        files: list[Path],
         *,
-        plain: bool = False,
-        rate: str | int | None = DEFAULT_RATE,
-        port: int = DEFAULT_PORT,
-        workdir: Path | str = WORKDIR,
-        shm_dir: Path | str = SHM_DIR,
-        install: bool = True,
-        keep_up: bool = False,
-        handle_signals: bool = True,
+        rate: str | None = DEFAULT_RATE,
+        workdir: Path = WORKDIR,
+        shm_dir: Path = SHM_DIR,
     ) -> None:
-        self.files = _normalize_files(files)
-        self.plain = plain
-        self.rate = None if plain else _rate_arg(rate)
-        self.port = port
-        self.workdir = Path(workdir)
-        self.shm_dir = Path(shm_dir)
-        self.install = install
-        self.keep_up = keep_up  # CLI `up`: do not tear down on close()
-        self.handle_signals = handle_signals
-        self.mountpoint: Path = self.workdir / ("plain" if plain else "mnt/source")
-        self.data_dir = self.workdir / "s3data"
-        self.endpoint: str | None = None if plain else f"http://{NS_ADDR}:{port}"
-        self._state = _State()
-        self._server: subprocess.Popen[bytes] | None = None
-        self._s3fs: Mount | None = None
-        self._alts: list[Mount] = []
-        self._old_handlers: dict[int, Any] = {}
-        self._started = False
-        self._owns = False  # set once start() has checked that no one else is up
-
-    # ---- lifecycle
+        self.files = [Path(f).resolve() for f in files]
+        self.rate = None if str(rate).strip() in ("", "0", "none", "None") else str(rate)
+        if self.rate and self.rate.isdigit():
+            self.rate += "bit"
+        self.workdir, self.shm_dir = Path(workdir), Path(shm_dir)
+        self.mountpoint = self.workdir / "mnt" / "source"
+        self.endpoint = f"http://{NS_ADDR}:{PORT}"
+        self.server: subprocess.Popen[bytes] | None = None
+        self.clients: list[FuseClient] = []
+        self.owns = False
 
     def __enter__(self) -> SlowSource:
         return self.start()
@@ -632,467 +183,194 @@ class SlowSource:
         self.close()
 
     def start(self) -> SlowSource:
-        if self._started:
-            return self
-        if not self.plain:
-            _require_root()
-            self._check_not_running()  # before owning anything: never tear down another run
-        self._owns = True
-        self._install_signal_handlers()
+        if os.geteuid() != 0:
+            raise SlowSourceError("the S3 slow source needs root (netns, tc, mounts)")
+        if Path(f"/run/netns/{NETNS}").exists():
+            raise SlowSourceError(
+                f"network namespace {NETNS} exists: another run, `slowsource.py up`, or the "
+                "leftovers of a killed run; `python benchmarks/slowsource.py down` removes it"
+            )
+        ensure_installed()
         try:
-            if self.plain:
-                self._start_plain()
-            else:
-                self._start_s3()
+            _run("ip", "netns", "add", NETNS)  # the lock: fails if another run just took it
+            self.owns = True
+            self._network()
+            self._populate()
+            self._serve()
+            self.clients.append(self._s3fs(self.mountpoint, "direct_io").start())
         except BaseException:
-            self.close(force=True)
+            self.close()
             raise
-        self._started = True
         return self
 
-    def close(self, *, force: bool = False) -> None:
-        """Tear down everything this object created (never raises)."""
-        self._shield_signals()
-        try:
-            if (self.keep_up and not force) or not self._owns:
-                return
-            for alt in reversed(self._alts):
-                with contextlib.suppress(Exception):
-                    alt.stop()
-            self._alts.clear()
-            if self.plain:
-                _rmtree(self.mountpoint)
-            else:
-                teardown(self._state.path)
-            self._server = None
-            self._s3fs = None
-            self._started = False
-            self._owns = False
-        finally:
-            self._restore_signal_handlers()
-
-    def _install_signal_handlers(self) -> None:
-        if not self.handle_signals:
+    def close(self) -> None:
+        """Tear down what this object stood up; a second Ctrl-C cannot interrupt it."""
+        if not self.owns:
             return
-        import threading
+        with lib.signals(signal.SIG_IGN):
+            for client in reversed(self.clients):
+                client.stop()
+            if self.server:
+                lib.stop(self.server)
+            teardown(self.workdir, self.shm_dir)
+            self.owns = False
 
-        if threading.current_thread() is not threading.main_thread():
-            return
-
-        def on_signal(signum: int, _frame: FrameType | None) -> None:
-            # unwind through the with/finally blocks, which tear down
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise SystemExit(128 + signum)
-
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self._old_handlers[sig] = signal.signal(sig, on_signal)
-
-    def _shield_signals(self) -> None:
-        """While tearing down, a second Ctrl-C must not interrupt the teardown."""
-        if not self._old_handlers:
-            return
-        for sig in self._old_handlers:
-            with contextlib.suppress(Exception):
-                signal.signal(sig, signal.SIG_IGN)
-
-    def _restore_signal_handlers(self) -> None:
-        for sig, handler in self._old_handlers.items():
-            with contextlib.suppress(Exception):
-                signal.signal(sig, handler)
-        self._old_handlers.clear()
-
-    # ---- plain mode
-
-    def _start_plain(self) -> None:
-        _rmtree(self.mountpoint)
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
-        for key, path in self.files.items():
-            _place(path, self.mountpoint / key)
-
-    # ---- the S3 stack
-
-    def _start_s3(self) -> None:
-        teardown(self._state.path)  # leftovers of a dead run
-        if self.install:
-            ensure_installed()
-        elif not _s3rver_installed() or not _have("s3fs"):
-            raise SlowSourceError("s3rver/s3fs missing: run `slowsource.py install`")
-        self._state.data["info"] = {
-            "endpoint": self.endpoint,
-            "bucket": BUCKET,
-            "rate": self.rate,
-            "source": str(self.mountpoint),
-            "workdir": str(self.workdir),
-            "shm_dir": str(self.shm_dir),
-        }
-        self._state.save()
-        self._setup_network()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._state.add_dir(self.data_dir)
-        self._state.add_dir(self.workdir / "mnt")
-        self._state.add_dir(self.shm_dir)
-        self._populate()
-        self._start_server()
-        self._mount_source()
-
-    def _check_not_running(self) -> None:
-        data = _State.load(self._state.path)
-        if not data:
-            return
-        owner, st = data.get("owner_pid"), data.get("owner_starttime")
-        if data.get("detached"):
-            raise SlowSourceError(
-                f"the slow source is up (`slowsource.py up`, {self._state.path}); "
-                "run `slowsource.py down` first"
-            )
-        if owner and owner != os.getpid() and _pid_alive(owner, st):
-            raise SlowSourceError(
-                f"the slow source is in use by pid {owner} ({self._state.path}); "
-                "run `slowsource.py down` if it is stale"
-            )
-
-    def _setup_network(self) -> None:
-        self._state.data["netns"] = NETNS
-        self._state.data["veth"] = {"host": VETH_HOST, "ns": VETH_NS}
-        self._state.save()
-        ns = ["ip", "netns", "exec", NETNS]
-        _run(["ip", "netns", "add", NETNS])
-        _run(["ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS])
-        _run(["ip", "link", "set", VETH_NS, "netns", NETNS])
-        _run(["ip", "addr", "add", f"{HOST_ADDR}/{PREFIX_LEN}", "dev", VETH_HOST])
-        _run(["ip", "link", "set", VETH_HOST, "up"])
-        _run([*ns, "ip", "addr", "add", f"{NS_ADDR}/{PREFIX_LEN}", "dev", VETH_NS])
-        _run([*ns, "ip", "link", "set", VETH_NS, "up"])
-        _run([*ns, "ip", "link", "set", "lo", "up"])
+    def _network(self) -> None:
+        ns = ("ip", "netns", "exec", NETNS)
+        _run("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS)
+        _run("ip", "link", "set", VETH_NS, "netns", NETNS)
+        _run("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", VETH_HOST)
+        _run("ip", "link", "set", VETH_HOST, "up")
+        _run(*ns, "ip", "addr", "add", f"{NS_ADDR}/30", "dev", VETH_NS)
+        _run(*ns, "ip", "link", "set", VETH_NS, "up")
+        _run(*ns, "ip", "link", "set", "lo", "up")
         if self.rate:
-            _run(
-                [
-                    *ns,
-                    "tc",
-                    "qdisc",
-                    "replace",
-                    "dev",
-                    VETH_NS,
-                    "root",
-                    "tbf",
-                    "rate",
-                    self.rate,
-                    "burst",
-                    "1mbit",
-                    "latency",
-                    "50ms",
-                ]
-            )
+            tbf = ("rate", self.rate, "burst", "1mbit", "latency", "50ms")
+            _run(*ns, "tc", "qdisc", "replace", "dev", VETH_NS, "root", "tbf", *tbf)
 
     def _populate(self) -> None:
-        """Pre-populate s3rver's on-disk layout (hard links: no copy, no upload)."""
-        bucket = self.data_dir / BUCKET
+        """Write s3rver's on-disk layout directly (a hard link, an MD5, metadata): no upload."""
+        bucket = self.workdir / "s3data" / BUCKET
         bucket.mkdir(parents=True, exist_ok=True)
-        for key, path in self.files.items():
-            self._put_local(key, path)
+        for path in self.files:
+            base = bucket / f"{path.name}._S3rver_"
+            target = Path(f"{base}object")
+            target.unlink(missing_ok=True)
+            try:
+                os.link(path, target)
+            except OSError as error:
+                if error.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                shutil.copyfile(path, target)
+            md5 = hashlib.md5(usedforsecurity=False)
+            with open(path, "rb") as f:
+                while chunk := f.read(8 * lib.MiB):
+                    md5.update(chunk)
+            Path(f"{base}object.md5").write_text(md5.hexdigest())
+            meta = {"content-type": "application/octet-stream", "x-amz-meta-mode": str(0o100644)}
+            Path(f"{base}metadata.json").write_text(json.dumps(meta))  # mode: s3fs shows 0644
 
-    def _put_local(self, key: str, path: Path) -> None:
-        parts = key.split("/")
-        d = self.data_dir.joinpath(BUCKET, *parts[:-1])
-        base = d / (parts[-1] + _S3RVER_SUFFIX)
-        _place(path, Path(str(base) + "object"))
-        Path(str(base) + "object.md5").write_text(_md5_file(path))
-        Path(str(base) + "metadata.json").write_text(
-            json.dumps(
-                {
-                    "content-type": "application/octet-stream",
-                    # s3fs: a regular file 0644 (without it, 0640)
-                    "x-amz-meta-mode": str(0o100644),
-                }
+    def _serve(self) -> None:
+        argv = ["ip", "netns", "exec", NETNS, "node", str(S3RVER_JS), "-d"]
+        argv += [str(self.workdir / "s3data"), "-a", NS_ADDR, "-p", str(PORT), "--silent"]
+        argv += ["--allow-mismatched-signatures", "--no-vhost-buckets"]
+        with open(self.workdir / "s3rver.log", "ab") as log:
+            self.server = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
             )
-        )
 
-    def add_file(self, path: str | os.PathLike[str], key: str | None = None) -> Path:
-        """Add a file to the source after start; returns its path in the source.
+        def listening() -> bool:
+            with contextlib.suppress(OSError), socket.create_connection((NS_ADDR, PORT), 0.5):
+                return True
+            return self.server is None or self.server.poll() is not None
 
-        Add files before reading their names through a mount: s3fs may cache a
-        negative lookup for a short while.
-        """
-        files = _normalize_files({key: path} if key else [path])
-        ((k, p),) = files.items()
-        self.files[k] = p
-        if self.plain:
-            _place(p, self.mountpoint / k)
+        if not lib.wait_until(listening, 30) or self.server.poll() is not None:
+            raise SlowSourceError(f"s3rver did not listen (log: {self.workdir / 's3rver.log'})")
+
+    def _s3fs(self, mountpoint: Path, *options: str) -> FuseClient:
+        passwd = self.workdir / "s3fs.passwd"
+        passwd.write_text(f"{KEY}:{KEY}\n")
+        passwd.chmod(0o600)
+        base = [f"url={self.endpoint}", "use_path_request_style", f"passwd_file={passwd}", "ro"]
+        argv = ["s3fs", BUCKET, str(mountpoint), "-f", "-o", ",".join([*base, *options])]
+        return FuseClient(argv, mountpoint, self.workdir / f"s3fs-{mountpoint.name}.log")
+
+    def path(self, name: str) -> Path:
+        return self.mountpoint / name
+
+    def tx_bytes(self) -> int:
+        """Bytes the storage server has sent (the namespace veth's tx counter)."""
+        out = _run("ip", "-n", NETNS, "-s", "-j", "link", "show", "dev", VETH_NS)
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def alternative(self, label: str) -> FuseClient:
+        """rclone (--vfs-cache-mode full) or s3fs_cache (use_cache), cache on /dev/shm; started."""
+        cache, mountpoint = self.shm_dir / f"{label}-cache", self.workdir / "mnt" / label
+        if label == "s3fs_cache":
+            client = self._s3fs(mountpoint, f"use_cache={cache}")
         else:
-            self._put_local(k, p)
-        return self.path(k)
-
-    def _start_server(self) -> None:
-        log = open(self.workdir / "s3rver.log", "ab")  # noqa: SIM115
-        try:
-            self._server = subprocess.Popen(
-                [
-                    "ip",
-                    "netns",
-                    "exec",
-                    NETNS,
-                    "node",
-                    str(S3RVER_JS),
-                    "-d",
-                    str(self.data_dir),
-                    "-a",
-                    NS_ADDR,
-                    "-p",
-                    str(self.port),
-                    "--silent",
-                    "--allow-mismatched-signatures",
-                    "--no-vhost-buckets",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
+            conf = self.workdir / "rclone.conf"
+            conf.write_text(
+                "[bench]\ntype = s3\nprovider = Other\nenv_auth = false\n"
+                f"access_key_id = {KEY}\nsecret_access_key = {KEY}\n"
+                f"endpoint = {self.endpoint}\nforce_path_style = true\n"
             )
-        finally:
-            log.close()
-        # `ip netns exec` execs node: this pid is the server's
-        self._state.add_pid("s3rver", self._server.pid)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self._server.poll() is not None:
-                tail = (self.workdir / "s3rver.log").read_text(errors="replace")[-2000:]
-                raise SlowSourceError(f"s3rver exited with {self._server.returncode}: {tail}")
-            with contextlib.suppress(OSError), socket.create_connection((NS_ADDR, self.port), 0.5):
-                return
-            time.sleep(0.1)
-        raise SlowSourceError("s3rver did not listen within 30s")
+            conf.chmod(0o600)
+            argv = ["rclone", "--config", str(conf), "mount", f"bench:{BUCKET}", str(mountpoint)]
+            argv += ["--read-only", "--vfs-cache-mode", "full", "--cache-dir", str(cache)]
+            client = FuseClient(argv, mountpoint, self.workdir / "rclone.log")
+        client.cache_dir = cache
+        self.clients.append(client)
+        return client.start()
 
-    def _passwd_file(self) -> Path:
-        f = self.workdir / "s3fs.passwd"
-        f.write_text(f"{ACCESS_KEY}:{SECRET_KEY}\n")
-        f.chmod(0o600)
-        return f
 
-    def _s3fs_argv(self, mountpoint: Path, opts: list[str]) -> list[str]:
-        base = [
-            f"url={self.endpoint}",
-            "use_path_request_style",
-            f"passwd_file={self._passwd_file()}",
-            "ro",
-        ]
-        return ["s3fs", BUCKET, str(mountpoint), "-f", "-o", ",".join(base + opts)]
-
-    def _mount_source(self) -> None:
-        self._s3fs = Mount(
-            "s3fs-source",
-            self._s3fs_argv(self.mountpoint, ["direct_io"]),
-            self.mountpoint,
-            self._state,
-            log_path=self.workdir / "s3fs-source.log",
-        ).start()
-
-    # ---- queries
-
-    def path(self, key: str) -> Path:
-        return self.mountpoint / key
-
-    @property
-    def server_pid(self) -> int | None:
-        return self._server.pid if self._server else None
-
-    def tx_bytes(self) -> int | None:
-        """Bytes the storage server has sent (ns-side veth tx counter); None if plain."""
-        if self.plain:
-            return None
-        return read_tx_bytes()
-
-    # ---- alternatives
-
-    def _need_s3(self, what: str) -> None:
-        if self.plain:
-            raise AlternativeUnavailable(f"{what} needs the S3 source (not plain mode)")
-        if not self._started:
-            raise SlowSourceError("start() the source first")
-
-    def rclone(
-        self,
-        *,
-        cache_dir: Path | str | None = None,
-        extra_args: Iterable[str] = (),
-    ) -> Mount:
-        """Mount the bucket with ``rclone mount --vfs-cache-mode full`` (cache on /dev/shm).
-
-        Returns a started Mount (a context manager that unmounts on exit).
-        ``clear_cache()`` gives a cold cache.
-        """
-        self._need_s3("rclone")
-        if not _have("rclone"):
-            ensure_installed()
-        cache = Path(cache_dir) if cache_dir else self.shm_dir / "rclone-cache"
-        mnt = self.workdir / "mnt" / "rclone"
-        conf = self.workdir / "rclone.conf"
-        conf.write_text(
-            "[bench]\n"
-            "type = s3\n"
-            "provider = Other\n"
-            "env_auth = false\n"
-            f"access_key_id = {ACCESS_KEY}\n"
-            f"secret_access_key = {SECRET_KEY}\n"
-            f"endpoint = {self.endpoint}\n"
-            "force_path_style = true\n"
+def teardown(workdir: Path = WORKDIR, shm_dir: Path = SHM_DIR) -> None:
+    """Remove the stack by name: mounts below our directories, what runs in the namespace
+    (ours by construction), the veth, the namespace, the object data. Never raises."""
+    for prefix in (workdir / "mnt", shm_dir):
+        lib.unmount_below(prefix)
+    if Path(f"/run/netns/{NETNS}").exists():
+        pids = subprocess.run(
+            ["ip", "netns", "pids", NETNS], capture_output=True, text=True, check=False
         )
-        conf.chmod(0o600)
-        self._state.add_dir(cache)
-        argv = [
-            "rclone",
-            "--config",
-            str(conf),
-            "mount",
-            f"bench:{BUCKET}",
-            str(mnt),
-            "--read-only",
-            "--vfs-cache-mode",
-            "full",
-            "--cache-dir",
-            str(cache),
-            *extra_args,
-        ]
-        m = Mount(
-            "rclone", argv, mnt, self._state, cache_dir=cache, log_path=self.workdir / "rclone.log"
-        )
-        self._alts.append(m)
-        return m.start()
-
-    def s3fs_cache(
-        self,
-        *,
-        cache_dir: Path | str | None = None,
-        extra_opts: Iterable[str] = (),
-    ) -> Mount:
-        """Mount the bucket with ``s3fs -o ro,use_cache=/dev/shm/...`` (what a user does).
-
-        No direct_io (the kernel page cache works as usual: s3fs does not set
-        keep_cache, so it is dropped on each open). Returns a started Mount;
-        ``clear_cache()`` gives a cold cache.
-        """
-        self._need_s3("s3fs use_cache")
-        cache = Path(cache_dir) if cache_dir else self.shm_dir / "s3fs-cache"
-        mnt = self.workdir / "mnt" / "s3fs-cache"
-        self._state.add_dir(cache)
-        argv = self._s3fs_argv(mnt, [f"use_cache={cache}", *extra_opts])
-        m = Mount(
-            "s3fs-cache",
-            argv,
-            mnt,
-            self._state,
-            cache_dir=cache,
-            log_path=self.workdir / "s3fs-cache.log",
-        )
-        self._alts.append(m)
-        return m.start()
-
-    def detach(self) -> None:
-        """Leave everything up after this process exits (CLI `up`); `down` removes it."""
-        self.keep_up = True
-        self._state.data["detached"] = True
-        if self.plain:
-            self._state.data["info"] = {"source": str(self.mountpoint), "plain": True}
-            self._state.data["dirs"] = [str(self.mountpoint)]
-        self._state.save()
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.2)
+    for cmd in (["ip", "link", "del", VETH_HOST], ["ip", "netns", "del", NETNS]):
+        subprocess.run(cmd, capture_output=True, check=False)
+    for path in (workdir / "s3data", workdir / "mnt", shm_dir):
+        shutil.rmtree(path, ignore_errors=True)
 
 
-def read_tx_bytes(netns: str = NETNS, dev: str = VETH_NS) -> int:
-    """tx_bytes of the namespace-side veth (bytes sent by the server)."""
-    r = _run(["ip", "-n", netns, "-s", "-j", "link", "show", "dev", dev])
-    return int(json.loads(r.stdout)[0]["stats64"]["tx"]["bytes"])
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def _status(as_json: bool) -> int:
-    data = _State.load()
-    if not data:
-        print(json.dumps({"up": False}) if as_json else "down (no state file)")
-        return 1
-    out: dict[str, Any] = {"up": True, **data.get("info", {})}
-    out["mounts"] = {m: _mounted(Path(m)) for m in data.get("mounts", [])}
-    out["pids"] = {
-        f"{p['name']}:{p['pid']}": _pid_alive(p["pid"], p.get("starttime"))
-        for p in data.get("pids", [])
-    }
-    ns = str(data.get("netns") or "")
-    out["netns"] = ns if ns and Path(f"/run/netns/{ns}").exists() else None
-    if out["netns"]:
-        with contextlib.suppress(Exception):
-            out["tx_bytes"] = read_tx_bytes(ns)
-        r = subprocess.run(
-            ["tc", "-n", ns, "-j", "qdisc", "show", "dev", VETH_NS],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        with contextlib.suppress(ValueError):
+def status(workdir: Path) -> dict[str, Any]:
+    up = Path(f"/run/netns/{NETNS}").exists()
+    out: dict[str, Any] = {"up": up, "endpoint": f"http://{NS_ADDR}:{PORT}", "bucket": BUCKET}
+    out["mounts"] = [
+        m.mountpoint for m in mounts.mount_entries() if m.mountpoint.startswith(str(workdir))
+    ]
+    if up:
+        with contextlib.suppress(SlowSourceError, ValueError, IndexError, KeyError):
+            out["tx_bytes"] = SlowSource([], workdir=workdir).tx_bytes()
+            qdisc = _run("tc", "-n", NETNS, "-j", "qdisc", "show", "dev", VETH_NS)
             out["qdisc"] = [
-                {"kind": q.get("kind"), **q.get("options", {})}
-                for q in json.loads(r.stdout or "[]")
+                {"kind": q.get("kind"), **q.get("options", {})} for q in json.loads(qdisc)
             ]
-    if as_json:
-        print(json.dumps(out, indent=2))
-    else:
-        for k, v in out.items():
-            print(f"{k}: {v}")
-    return 0
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("install", help="install s3fs, rclone, node/npm, s3rver (idempotent)")
-    up = sub.add_parser("up", help="stand up the source and leave it running")
-    up.add_argument("files", nargs="*", help="files to put in the bucket (key = basename)")
-    up.add_argument("--rate", default=DEFAULT_RATE, help="egress cap, tc syntax (0 = uncapped)")
-    up.add_argument("--port", type=int, default=DEFAULT_PORT)
-    up.add_argument("--plain", action="store_true", help="plain directory, no network")
-    up.add_argument("--rclone", action="store_true", help="also mount rclone (vfs-cache full)")
-    up.add_argument("--s3fs-cache", action="store_true", help="also mount s3fs use_cache")
-    st = sub.add_parser("status", help="what is up")
-    st.add_argument("--json", action="store_true")
-    sub.add_parser("down", help="tear everything down (also leftovers of dead runs)")
-    args = ap.parse_args(argv)
-
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("command", choices=["install", "up", "status", "down"])
+    parser.add_argument("files", nargs="*", type=Path, help="up: files to put in the bucket")
+    parser.add_argument("--rate", default=DEFAULT_RATE, help="up: egress cap, tc syntax (0: none)")
+    parser.add_argument("--rclone", action="store_true", help="up: also mount rclone")
+    parser.add_argument("--s3fs-cache", action="store_true", help="up: also mount s3fs use_cache")
+    parser.add_argument("--workdir", type=Path, default=WORKDIR, help="object data, mounts, logs")
+    args = parser.parse_intermixed_args(argv)
     try:
-        if args.cmd == "install":
-            _require_root()
+        if args.command == "install":
             ensure_installed()
-            return 0
-        if args.cmd == "down":
-            teardown(verbose=True)
-            if Path(f"/run/netns/{NETNS}").exists():
-                _log("warning: netns still present")
-                return 1
-            return 0
-        if args.cmd == "status":
-            return _status(args.json)
-        src = SlowSource(args.files, plain=args.plain, rate=args.rate, port=args.port)
-        src.start()
-        try:
-            alts = []
-            if args.rclone:
-                alts.append(src.rclone())
-            if args.s3fs_cache:
-                alts.append(src.s3fs_cache())
-        except BaseException:
-            src.close(force=True)
-            raise
-        src.detach()
-        src.close()
-        print(f"source: {src.mountpoint}")
-        if src.endpoint:
-            print(f"endpoint: {src.endpoint} bucket {BUCKET} rate {src.rate or 'uncapped'}")
-            print(f"server pid: {src.server_pid}  tx_bytes: {src.tx_bytes()}")
-        for a in alts:
-            print(f"{a.name}: {a.mountpoint} (cache {a.cache_dir})")
-        return 0
-    except SlowSourceError as e:
-        print(f"slowsource: {e}", file=sys.stderr)
+        elif args.command == "down":
+            teardown(args.workdir)
+            return int(Path(f"/run/netns/{NETNS}").exists())
+        elif args.command == "status":
+            print(json.dumps(status(args.workdir), indent=2))
+        else:  # up, and leave it running: `down` removes it
+            src = SlowSource(args.files, rate=args.rate, workdir=args.workdir).start()
+            try:
+                labels = ["rclone"] * args.rclone + ["s3fs_cache"] * args.s3fs_cache
+                alternatives = [src.alternative(label) for label in labels]
+            except BaseException:
+                src.close()
+                raise
+            print(f"source: {src.mountpoint}\nendpoint: {src.endpoint} {BUCKET} rate {src.rate}")
+            for alt in alternatives:
+                print(f"{alt.argv[0]}: {alt.mountpoint} (cache {alt.cache_dir})")
+    except SlowSourceError as error:
+        print(f"slowsource: {error}", file=sys.stderr)
         return 1
+    return 0
 
 
 if __name__ == "__main__":

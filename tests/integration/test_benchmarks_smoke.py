@@ -1,7 +1,8 @@
-"""The benchmarks cannot rot: their smoke modes run end to end on tiny files.
+"""The benchmarks cannot rot: each preset of benchmarks/run.py runs end to end on tiny files.
 
 Numbers are not checked (they are reported in benchmarks/README.md from full
-runs); only that every scenario ran and measured something.
+runs); only that every scenario of a preset ran on real mounts, measured
+something, and that the JSON, the markdown and the goals came out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from memcachefs.testing import fuse_available
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+RUNNER = Path(__file__).resolve().parents[2] / "benchmarks" / "run.py"
 CORE_SCENARIOS = {
     "tmpfs",
     "reference",
@@ -31,63 +32,7 @@ CORE_SCENARIOS = {
     "source_raw",
     "memcachefs_cold",
 }
-
-
-@pytest.fixture
-def fuse_required() -> None:
-    reason = fuse_available()
-    if reason is not None:
-        if os.environ.get("MEMCACHEFS_REQUIRE_FUSE") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
-
-
-def _run(script: str, tmp_path: Path) -> dict[str, Any]:
-    out = tmp_path / f"{script}.json"
-    work = tmp_path / "work"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / script),
-            "--smoke",
-            "--workdir",
-            str(work),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    # Nothing stays mounted under the work directory.
-    assert not [entry for entry in mounts.mount_entries() if entry.mountpoint.startswith(str(work))]
-    return json.loads(out.read_text())
-
-
-@pytest.mark.usefixtures("fuse_required")
-def test_bench_core_smoke(tmp_path: Path) -> None:
-    data = _run("bench_core.py", tmp_path)
-    assert set(data["scenarios"]) == CORE_SCENARIOS
-    for name, scenario in data["scenarios"].items():
-        assert scenario["repetitions"] >= 1, name
-        assert scenario["samples_gbps"], name
-        assert all(gbps > 0 for gbps in scenario["samples_gbps"]), name
-        assert scenario["bytes_per_read"] == data["size_bytes"], name
-
-
-@pytest.mark.usefixtures("fuse_required")
-def test_bench_rss_smoke(tmp_path: Path) -> None:
-    data = _run("bench_rss.py", tmp_path)
-    assert data["ok"], data["checks"]
-    assert data["bytes_read"] > 0
-    assert data["throughput_gbps"] > 0
-    assert data["peak_rss_hwm_bytes"] <= data["bound_bytes"]
-    assert data["max_used_bytes"] <= data["capacity_bytes"]
-
-
-SUITE_SCENARIOS = {  # bench_suite.py --smoke: everything but the alternatives (need S3)
+SUITE_SCENARIOS = {  # suite --smoke: everything but the alternatives (they need S3)
     "source_raw",
     "shm_copy",
     "shm_copy_read",
@@ -110,33 +55,92 @@ SUITE_SCENARIOS = {  # bench_suite.py --smoke: everything but the alternatives (
 }
 
 
-@pytest.mark.usefixtures("fuse_required")
-def test_bench_suite_smoke(tmp_path: Path) -> None:
-    out, work = tmp_path / "suite.json", tmp_path / "work"
+@pytest.fixture
+def fuse_required() -> None:
+    reason = fuse_available()
+    if reason is not None:
+        if os.environ.get("MEMCACHEFS_REQUIRE_FUSE") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def _run(preset: str, tmp_path: Path) -> tuple[dict[str, Any], str, str]:
+    """run.py PRESET --smoke; (the JSON, the markdown file, stdout)."""
+    out, md, work = tmp_path / f"{preset}.json", tmp_path / f"{preset}.md", tmp_path / "work"
+    outputs = ["--json", str(out), "--markdown", str(md), "--png", str(tmp_path / "chart.png")]
     result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "bench_suite.py"),
-            "--smoke",
-            "--workdir",
-            str(work),
-            "--json",
-            str(out),
-            "--png",
-            str(tmp_path / "suite.png"),
-            "--markdown",
-            str(tmp_path / "suite.md"),
-        ],
+        [sys.executable, str(RUNNER), preset, "--smoke", "--workdir", str(work), *outputs],
         capture_output=True,
         text=True,
-        timeout=90,
+        timeout=120,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+    # Nothing stays mounted under the work directory.
     assert not [entry for entry in mounts.mount_entries() if entry.mountpoint.startswith(str(work))]
-    data = json.loads(out.read_text())
-    assert set(data["scenarios"]) == SUITE_SCENARIOS
+    return json.loads(out.read_text()), md.read_text(), result.stdout
+
+
+def _check_scenarios(data: dict[str, Any], expected: set[str]) -> None:
+    assert set(data["scenarios"]) == expected
+    assert set(data["order"]) == expected
     for name, scenario in data["scenarios"].items():
         assert scenario["repetitions"] >= 1, name
         assert all(gbps > 0 for gbps in scenario["samples_gbps"]), name
-    assert data["goals"] and "| goal (issue 4 item 5)" in (tmp_path / "suite.md").read_text()
+        if scenario["unit"] == "GB/s" and name not in (
+            "loopback_tcp",
+            "memcachefs_cold_3_instances",
+        ):
+            size = data["model_bytes"] if "safetensors" in name or "instance" in name else None
+            assert scenario["bytes_per_read"] == (size or data["size_bytes"]), name
+
+
+@pytest.mark.usefixtures("fuse_required")
+def test_core_smoke(tmp_path: Path) -> None:
+    data, md, stdout = _run("core", tmp_path)
+    _check_scenarios(data, CORE_SCENARIOS)
+    # the daemons' counters: a cold-page-cache read reached the daemon, the cold one the source
+    cached = data["scenarios"]["memcachefs_cached_nopush"]["counters"]
+    assert cached["memory_bytes"] == [data["size_bytes"]]
+    assert data["scenarios"]["memcachefs_cold"]["counters"]["source_bytes"] == [data["size_bytes"]]
+    assert [g["status"] for g in data["goals"]] and "not measured" not in str(data["goals"])
+    for name in CORE_SCENARIOS:
+        assert f"| {name} |" in md
+    assert "| goal | measured | status |" in md
+    assert "memcachefs_cached_nopush" in stdout and "|" not in stdout  # plain-text columns
+
+
+@pytest.mark.usefixtures("fuse_required")
+def test_suite_smoke(tmp_path: Path) -> None:
+    data, md, _ = _run("suite", tmp_path)
+    _check_scenarios(data, SUITE_SCENARIOS)
+    hit = data["scenarios"]["memcachefs_remote_hit"]["counters"]
+    assert hit["peer_bytes"] == [data["size_bytes"]] and hit["source_bytes"] == [0]
+    goals = {g["text"]: g for g in data["goals"]}
+    assert goals["remote hit >= 0.6x loopback TCP"]["ratio"] > 0
+    assert any(g["status"] == "not measured" for g in goals.values())  # rclone, s3fs: need S3
+    assert "| goal (issue 4 item 5) | measured | status |" in md
+    assert "the alternatives (rclone, s3fs use_cache) need --source s3" in md
+
+
+@pytest.mark.usefixtures("fuse_required")
+def test_rss_smoke(tmp_path: Path) -> None:
+    data, md, _ = _run("rss", tmp_path)
+    assert data["ok"], data["checks"]
+    assert data["bytes_read"] > 0
+    assert data["throughput_gbps"] > 0
+    assert data["peak_rss_hwm_bytes"] <= data["bound_bytes"]
+    assert data["max_used_bytes"] <= data["capacity_bytes"]
+    assert "| result | PASS |" in md
+
+
+def test_presets_are_registered() -> None:
+    listing = subprocess.run(
+        [sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, check=True
+    ).stdout
+    for preset in ("core:", "suite:", "rss:", "switch:"):
+        assert preset in listing
+    switch = subprocess.run(
+        [sys.executable, str(RUNNER), "switch"], capture_output=True, text=True, check=False
+    )
+    assert switch.returncode != 0 and "not built" in switch.stderr
