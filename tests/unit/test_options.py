@@ -117,7 +117,7 @@ def test_environment_errors_name_the_variable(dirs: tuple[Path, Path]) -> None:
 
 
 def test_missing_config_file_is_one_line(dirs: tuple[Path, Path], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="--config .*No such file"):
+    with pytest.raises(ConfigError, match=r"--config .*No such file"):
         load_config({}, config_file=tmp_path / "nope.toml", environ={})
 
 
