@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cachetools import LRUCache
 
 from memcachefs.keys import BlockKey
+from memcachefs.metrics import counter, gauge
 
 # A block's memory: anonymous mmap, returned to the kernel as soon as it is dropped.
 Buffer = mmap.mmap
@@ -47,16 +48,16 @@ class Block:
         return memoryview(self.buffer)[: self.length]
 
 
-@dataclass(frozen=True)
+@dataclass
 class StoreStatistics:
-    capacity_bytes: int
-    used_bytes: int
-    reserved_bytes: int
-    free_buffer_bytes: int
-    blocks: int
-    evictions: int
-    buffers_allocated: int
-    buffers_reused: int
+    capacity_bytes: int = gauge("bytes of memory for cached blocks: the store never holds more")
+    used_bytes: int = gauge("bytes of blocks stored")
+    reserved_bytes: int = gauge("bytes of buffers held by fills in flight")
+    free_buffer_bytes: int = gauge("bytes of evicted buffers kept for reuse")
+    blocks: int = gauge("blocks stored")
+    evictions: int = counter("blocks evicted")
+    buffers_allocated: int = counter("block buffers allocated")
+    buffers_reused: int = counter("block buffers reused after an eviction")
 
 
 class _EvictingLRU(LRUCache[BlockKey, Block]):
@@ -81,9 +82,7 @@ class BlockStore:
         self._lru = _EvictingLRU(capacity_bytes, self._retire)
         self._free: list[Buffer] = []
         self._reserved_bytes = 0
-        self._evictions = 0
-        self._allocated = 0
-        self._reused = 0
+        self.counters = StoreStatistics(capacity_bytes=capacity_bytes)
 
     # -- lookups -------------------------------------------------------------
     def get(self, key: BlockKey) -> Block | None:
@@ -152,9 +151,9 @@ class BlockStore:
 
     def _take_buffer(self, size: int) -> Buffer:
         if size == self.block_size_bytes and self._free:
-            self._reused += 1
+            self.counters.buffers_reused += 1
             return self._free.pop()
-        self._allocated += 1
+        self.counters.buffers_allocated += 1
         # Private anonymous memory, zeroed lazily by the kernel: its pages are
         # first touched by the fill in a worker thread (preadv, recv_into), not
         # here on the trio thread as bytearray(size) would (4 MiB of zeros
@@ -164,7 +163,7 @@ class BlockStore:
         return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def _retire(self, block: Block) -> None:
-        self._evictions += 1
+        self.counters.evictions += 1
         if block.pins == 0:
             block.recycled = self._recycle(block.buffer)
 
@@ -176,13 +175,10 @@ class BlockStore:
         return False
 
     def statistics(self) -> StoreStatistics:
-        return StoreStatistics(
-            capacity_bytes=self.capacity_bytes,
+        return replace(
+            self.counters,
             used_bytes=int(self._lru.currsize),
             reserved_bytes=self._reserved_bytes,
             free_buffer_bytes=len(self._free) * self.block_size_bytes,
             blocks=len(self._lru),
-            evictions=self._evictions,
-            buffers_allocated=self._allocated,
-            buffers_reused=self._reused,
         )

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import json
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import pyfuse3
 import trio
@@ -21,11 +25,13 @@ from memcachefs import mounts
 from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig, MountConfig
 from memcachefs.errors import MemcachefsError, MountError
-from memcachefs.fs import Filesystem
+from memcachefs.fs import CONFIG_XATTR, STATS_XATTR, Filesystem, ReaddirReply
+from memcachefs.handles import OpenFiles
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import HasStatistics, StatisticsSnapshot
+from memcachefs.pagecache import NotifyStore, PageCachePusher
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.source import Source
 
@@ -69,6 +75,71 @@ async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None
         raise
 
 
+@dataclass
+class Service:
+    """The components of one mount, wired together (without the cluster)."""
+
+    source: Source
+    store: BlockStore
+    metadata: MetadataCache
+    loader: Loader
+    files: OpenFiles
+    pusher: PageCachePusher | None
+    fs: Filesystem
+    statistics: StatisticsSnapshot
+
+    def components(self) -> list[HasStatistics]:
+        parts: list[HasStatistics] = [self.store, self.loader, self.source, self.metadata]
+        parts += [self.files, self.fs]
+        return parts if self.pusher is None else [*parts, self.pusher]
+
+
+def build_service(
+    source: Source,
+    nursery: trio.Nursery,
+    *,
+    capacity_bytes: int,
+    block_size_bytes: int,
+    read_ahead_blocks: int,
+    attr_timeout_s: float,
+    push_page_cache: bool,
+    stale_grace_s: float = 0.5,
+    clock: Callable[[], float] = time.monotonic,
+    notify_store: NotifyStore = pyfuse3.notify_store,
+    readdir_reply: ReaddirReply | None = None,
+    static_statistics: dict[str, Any] | None = None,
+) -> Service:
+    """The one place the mount's components are built (the daemon and the unit tests)."""
+    store = BlockStore(capacity_bytes, block_size_bytes)
+    metadata = MetadataCache(
+        source, nursery, ttl_s=attr_timeout_s, stale_grace_s=stale_grace_s, clock=clock
+    )
+    loader = Loader(store, source, nursery, read_ahead_blocks=read_ahead_blocks)
+    files = OpenFiles(source, metadata, loader, nursery)
+    pusher = (
+        PageCachePusher(
+            store, nursery, notify_store=notify_store, reader_position=files.reader_position
+        )
+        if push_page_cache
+        else None
+    )
+    statistics = StatisticsSnapshot(block_size_bytes=block_size_bytes, **(static_statistics or {}))
+    fs = Filesystem(
+        source,
+        metadata,
+        files,
+        block_size=block_size_bytes,
+        attr_timeout_s=attr_timeout_s,
+        root_xattrs={STATS_XATTR: lambda: json.dumps(statistics(), sort_keys=True).encode()},
+        readdir_reply=readdir_reply,
+        pusher=pusher,
+    )
+    service = Service(source, store, metadata, loader, files, pusher, fs, statistics)
+    for component in service.components():
+        statistics.add(component)
+    return service
+
+
 async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     pin_malloc_mmap_threshold()
     cache = config.cache
@@ -81,47 +152,37 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
             block_threads=cache.source_threads,
             metadata_threads=cache.metadata_threads,
         ) as source:
-            store = BlockStore(cache.capacity_bytes, cache.block_size_bytes)
             async with trio.open_nursery() as nursery:
-                metadata = MetadataCache(source, nursery, ttl_s=config.attr_timeout_s)
-                loader = Loader(store, source, nursery, read_ahead_blocks=cache.read_ahead_blocks)
-                statistics = StatisticsSnapshot(
-                    mountpoint=str(config.mountpoint),
-                    source=str(config.source),
-                    block_size_bytes=cache.block_size_bytes,
-                )
-                fs = Filesystem(
+                await nursery.start(source.run)
+                service = build_service(
                     source,
-                    metadata,
-                    loader,
+                    nursery,
+                    capacity_bytes=cache.capacity_bytes,
+                    block_size_bytes=cache.block_size_bytes,
+                    read_ahead_blocks=cache.read_ahead_blocks,
                     attr_timeout_s=config.attr_timeout_s,
-                    statistics=statistics,
-                    nursery=nursery,
                     push_page_cache=cache.push_page_cache,
+                    static_statistics={
+                        "mountpoint": str(config.mountpoint),
+                        "source": str(config.source),
+                    },
                 )
-                components: list[tuple[str, HasStatistics]] = [
-                    ("store", store),
-                    ("loader", loader),
-                    ("source", source),
-                    ("metadata", metadata),
-                    ("fs", fs),
-                    *([("page_cache", fs.pusher)] if fs.pusher is not None else []),
-                ]
+                fs = service.fs
+                config_json = json.dumps(config.public_dump(), sort_keys=True).encode()
+                fs.add_root_xattr(CONFIG_XATTR, lambda: config_json)
                 peer_server, client = await _start_cluster(
-                    cluster, loader, listeners, nursery, components
+                    cluster, service.loader, listeners, nursery, service.statistics
                 )
-                for name, component in components:
-                    statistics.add(name, component)
                 _mount(fs, config)
                 try:
                     nursery.start_soon(_announce_ready, config, on_ready)
                     nursery.start_soon(_stop_on_signal, fs, config.shutdown_grace_s, peer_server)
                     await pyfuse3.main()
                 finally:
-                    if fs.pusher is not None:
+                    if service.pusher is not None:
                         # No thread may store pages once the FUSE session is closed.
                         with trio.CancelScope(shield=True):
-                            await fs.pusher.stop_all()
+                            await service.pusher.stop_all()
                     still_mounted = mounts.find_mount(config.mountpoint) is not None
                     pyfuse3.close(unmount=still_mounted)
                     nursery.cancel_scope.cancel()
@@ -151,7 +212,7 @@ async def _start_cluster(
     loader: Loader,
     listeners: list[trio.SocketListener],
     nursery: trio.Nursery,
-    components: list[tuple[str, HasStatistics]],
+    statistics: StatisticsSnapshot,
 ) -> tuple[PeerServer | None, PeerClient | None]:
     """Membership, the peer client (wired into the loader) and the peer server."""
     if not cluster.enabled:
@@ -166,12 +227,13 @@ async def _start_cluster(
         timeout_s=cluster.peer_timeout_s,
     )
     loader.set_peers(client)
-    components += [("membership", membership), ("peers", client)]
+    statistics.add(membership)
+    statistics.add(client)
     server = None
     if listeners:
         server = PeerServer(loader, listeners, secret=secret, timeout_s=cluster.peer_timeout_s)
         await nursery.start(server.run)
-        components.append(("peer_server", server))
+        statistics.add(server)
         log.info(
             "serving peers on %s (%s)",
             ", ".join(f"{host}:{port}" for host, port in server.addresses),
@@ -213,11 +275,10 @@ async def _stop_on_signal(fs: Filesystem, grace_s: float, peer_server: PeerServe
                     await peer_server.drain()
                 await fs.wait_idle()
             if scope.cancelled_caught:
-                stats = fs.statistics()
                 log.warning(
                     "%d requests in flight and %d open files after %.1fs; unmounting anyway",
-                    stats.requests_in_flight,
-                    stats.open_files,
+                    fs.counters.requests_in_flight,
+                    fs.open_files,
                     grace_s,
                 )
             pyfuse3.terminate()

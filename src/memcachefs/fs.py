@@ -10,23 +10,21 @@ from __future__ import annotations
 
 import errno
 import functools
-import json
 import logging
 import os
-import stat
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from memcachefs.blockstore import Block
 from memcachefs.errors import ReadError
+from memcachefs.handles import OpenFiles
 from memcachefs.inodes import InodeTable
-from memcachefs.keys import BlockKey, FileVersion, block_span
-from memcachefs.loader import Loader
+from memcachefs.keys import block_span
 from memcachefs.metadata import MetadataCache
+from memcachefs.metrics import counter, gauge
 from memcachefs.pagecache import PageCachePusher
 from memcachefs.source import Source, version_of
 
@@ -36,6 +34,8 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 STATS_XATTR = b"user.memcachefs.stats"
+CONFIG_XATTR = b"user.memcachefs.config"
+ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -46,7 +46,7 @@ def _handler(
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         fs = args[0]
         assert isinstance(fs, Filesystem)
-        fs.requests_in_flight += 1
+        fs.counters.requests_in_flight += 1
         try:
             return await method(*args, **kwargs)
         except pyfuse3.FUSEError:
@@ -56,12 +56,12 @@ def _handler(
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except Exception:
-            fs.internal_errors += 1
+            fs.counters.internal_errors += 1
             log.exception("internal error in %s; answered EIO", method.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            fs.requests_in_flight -= 1
-            if fs.requests_in_flight == 0:
+            fs.counters.requests_in_flight -= 1
+            if fs.counters.requests_in_flight == 0:
                 fs.idle.set()
 
     return wrapper
@@ -77,22 +77,12 @@ def _read_only(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Corou
     return refuse
 
 
-@dataclass(frozen=True)
-class FilesystemStatistics:
-    open_files: int
-    open_dirs: int
-    requests_in_flight: int
-    internal_errors: int
-    unpinned_opens: int
-    inodes: int
-
-
 @dataclass
-class OpenFile:
-    inode: int
-    version: FileVersion
-    pinned: bool = True  # the source file is held open (see Filesystem._pin)
-    last_index: int = -1
+class FilesystemStatistics:
+    open_dirs: int = gauge("directory handles the kernel holds open")
+    requests_in_flight: int = gauge("kernel requests being served")
+    internal_errors: int = counter("handler bugs answered with EIO (each logged once)")
+    inodes: int = gauge("inodes the kernel knows")
 
 
 @dataclass
@@ -110,37 +100,27 @@ class Filesystem(pyfuse3.Operations):
         self,
         source: Source,
         metadata: MetadataCache,
-        loader: Loader,
+        files: OpenFiles,
         *,
+        block_size: int,
         attr_timeout_s: float,
-        statistics: Callable[[], dict[str, Any]] | None = None,
-        readdir_reply: Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool] | None = None,
-        nursery: trio.Nursery | None = None,
-        push_page_cache: bool = False,
+        root_xattrs: dict[bytes, Callable[[], bytes]] | None = None,
+        readdir_reply: ReaddirReply | None = None,
+        pusher: PageCachePusher | None = None,
     ) -> None:
         super().__init__()
-        self.pusher: PageCachePusher | None = None
-        if push_page_cache:
-            if nursery is None:
-                raise ValueError("pushing into the page cache needs a nursery")
-            self.pusher = PageCachePusher(
-                loader.store, nursery, reader_position=self.reader_position
-            )
         self._source = source
         self._metadata = metadata
-        self._loader = loader
-        self._block_size = loader.block_size
+        self._files = files
+        self._block_size = block_size
         self._attr_timeout_s = attr_timeout_s
-        self._statistics = statistics
+        self._root_xattrs = root_xattrs or {}
         self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
-        self._nursery = nursery
+        self._pusher = pusher
         self.inodes = InodeTable()
-        self._files: dict[int, OpenFile] = {}
         self._dirs: dict[int, OpenDir] = {}
-        self._next_handle = 1
-        self.requests_in_flight = 0
-        self.internal_errors = 0
-        self.unpinned_opens = 0
+        self._next_dir_handle = 1
+        self.counters = FilesystemStatistics()
         self.idle = trio.Event()
 
     # -- attributes ------------------------------------------------------------
@@ -167,16 +147,21 @@ class Filesystem(pyfuse3.Operations):
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> pyfuse3.EntryAttributes:
-        if name == b".":
-            relpath = self._path(parent_inode)
-        elif name == b"..":
-            relpath = os.path.dirname(self._path(parent_inode))
-        else:
-            relpath = self._child(parent_inode, name)
-        st = await self._metadata.lstat(relpath)
+        relpath = self._child(parent_inode, name)
+        st = await self._lstat(relpath)
         inode = self.inodes.inode(relpath, st)
         self.inodes.looked_up(inode)
         return self._entry(inode, st)
+
+    async def _lstat(self, relpath: bytes) -> os.stat_result:
+        """The attributes of `relpath` now; those of the version an open that raced a
+        change holds, while the kernel retries that open (so both see one version)."""
+        waiting = self._files.waiting(relpath)
+        if waiting is not None:
+            st = await self._source.fstat(waiting)
+            if st is not None:
+                return st
+        return await self._metadata.lstat(relpath)
 
     @_handler
     async def getattr(
@@ -188,23 +173,15 @@ class Filesystem(pyfuse3.Operations):
         except FileNotFoundError:
             # Removed from the source while open: its handles read it to the end,
             # so it keeps its attributes (else the kernel fails their reads).
-            pinned = await self._pinned_attributes(inode)
+            pinned = await self._files.fstat_pinned(inode)
             if pinned is None:
                 raise
             st = pinned
-        if not self.inodes.is_current(inode, st):
+        if not self.inodes.is_same_version(inode, st):
             # The path holds another version now; this inode stays the old one
             # (its open handles read it), with the old size and mtime.
             st = self.inodes.attributes(inode) or st
         return self._entry(inode, st)
-
-    async def _pinned_attributes(self, inode: int) -> os.stat_result | None:
-        for handle in list(self._files.values()):
-            if handle.inode == inode and handle.pinned:
-                st = await self._source.fstat(handle.version)
-                if st is not None:
-                    return st
-        return None
 
     @_handler
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> bytes:
@@ -234,7 +211,10 @@ class Filesystem(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         relpath = self._path(inode)
         entries = sorted(await self._metadata.listdir(relpath))
-        return self._new_handle(self._dirs, OpenDir(relpath, entries))
+        fh = self._next_dir_handle
+        self._next_dir_handle += 1
+        self._dirs[fh] = OpenDir(relpath, entries)
+        return fh
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
@@ -259,66 +239,22 @@ class Filesystem(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         relpath = self._path(inode)
-        version, pinned = await self._pin(relpath)
+        version, pinned = await self._files.pin(relpath)
         known = self.inodes.attributes(inode)
         if known is not None and version_of(relpath, known) != version:
             # The source file is another version than this inode: ESTALE makes
-            # the kernel look the name up again (fresh attributes, a new inode)
-            # and retry the open there.
+            # the kernel look the name up again and retry the open. The version
+            # found waits for that retry, so the new lookup gives its inode and
+            # the retried open gets it, however often the file changes meanwhile.
             if pinned:
-                self._source.release(version)
+                self._files.keep_waiting(version)
             self._metadata.forget(relpath)
             raise pyfuse3.FUSEError(errno.ESTALE)
         # The kernel has this version's attributes (its size) for this inode,
         # and the inode never holds another version: its pages stay valid.
-        if self.pusher is not None and known is not None:
-            self.pusher.push(inode, version)
-        fh = self._new_handle(self._files, OpenFile(inode, version, pinned))
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
-
-    def reader_position(self, inode: int) -> int:
-        """The furthest block an open handle of `inode` has read (-1: none yet)."""
-        return max((h.last_index for h in self._files.values() if h.inode == inode), default=-1)
-
-    async def _pin(self, relpath: bytes) -> tuple[FileVersion, bool]:
-        """Open the source file and pin its version; (version, pinned).
-
-        If the source does not answer within the metadata grace period (a
-        stalled source) and the file's attributes are known, the handle uses
-        that version unpinned: reads of cached blocks work, and a block that
-        needs the source is read by path and checked against the version.
-        """
-        if self._nursery is None:
-            return await self._source.open(relpath), True
-        outcome: list[FileVersion | BaseException] = []
-        answered = trio.Event()
-        abandoned = False
-
-        async def open_in_background() -> None:
-            try:
-                outcome.append(await self._source.open(relpath))
-            except Exception as error:
-                outcome.append(error)
-            answered.set()
-            if abandoned and isinstance(outcome[0], FileVersion):
-                self._source.release(outcome[0])
-
-        self._nursery.start_soon(open_in_background)
-        with trio.move_on_after(self._metadata.stale_grace_s):
-            await answered.wait()
-        if answered.is_set():
-            if isinstance(outcome[0], BaseException):
-                raise outcome[0]
-            return outcome[0], True
-        known = self._metadata.last_known(relpath)
-        if known is None or not stat.S_ISREG(known.st_mode):
-            await answered.wait()  # nothing to fall back on: wait for the source
-            if isinstance(outcome[0], BaseException):
-                raise outcome[0]
-            return outcome[0], True
-        abandoned = True
-        self.unpinned_opens += 1
-        return version_of(relpath, known), False
+        if self._pusher is not None and known is not None:
+            self._pusher.push(inode, version)
+        return pyfuse3.FileInfo(fh=self._files.add(inode, version, pinned), keep_cache=True)
 
     @_handler
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -328,42 +264,31 @@ class Filesystem(pyfuse3.Operations):
         if not span:
             return b""
         if len(span) == 1:  # the common case: a slice of one block, no copy
-            block = await self._block(handle, span[0], size)
+            block = await self._files.block(handle, span[0], size)
             start = off - span[0] * self._block_size
             return block.view[start : start + size]  # type: ignore[return-value]
         out = bytearray()
         for index in span:
             base = index * self._block_size
-            block = await self._block(handle, index, self._block_size)
+            block = await self._files.block(handle, index, self._block_size)
             # Copy now: after the next await this block's buffer may be reused.
             out += block.view[max(0, off - base) : off + size - base]
         return out  # type: ignore[return-value]
 
-    async def _block(self, handle: OpenFile, index: int, wanted_bytes: int) -> Block:
-        key = BlockKey(handle.version, index)
-        if index != handle.last_index:
-            if index == handle.last_index + 1 or index == 0:
-                self._loader.read_ahead(handle.version, index)
-            handle.last_index = index
-        return await self._loader.block(key, wanted_bytes)
-
     @_handler
     async def release(self, fh: int) -> None:
-        handle = self._files.pop(fh, None)
-        if handle is not None and handle.pinned:
-            self._source.release(handle.version)
+        self._files.release(fh)
 
-    @_handler
-    async def flush(self, fh: int) -> None:
-        return None
+    # flush is not implemented on purpose: ENOSYS tells the kernel not to send
+    # one at every close(2) (there is nothing to flush on a read-only mount).
 
     # -- extended attributes ---------------------------------------------------
     @_handler
     async def getxattr(
         self, inode: int, name: bytes, ctx: pyfuse3.RequestContext | None = None
     ) -> bytes:
-        if name == STATS_XATTR and inode == pyfuse3.ROOT_INODE and self._statistics:
-            return json.dumps(self._statistics(), sort_keys=True).encode()
+        if inode == pyfuse3.ROOT_INODE and name in self._root_xattrs:
+            return self._root_xattrs[name]()
         try:
             return await self._source.getxattr(self._path(inode), name)
         except OSError as error:
@@ -407,11 +332,13 @@ class Filesystem(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
-    def _new_handle(self, table: dict[int, Any], value: Any) -> int:
-        fh = self._next_handle
-        self._next_handle += 1
-        table[fh] = value
-        return fh
+    def add_root_xattr(self, name: bytes, value: Callable[[], bytes]) -> None:
+        """Answer getxattr(`name`) on the mount's root with `value()` (the daemon's own)."""
+        self._root_xattrs[name] = value
+
+    @property
+    def open_files(self) -> int:
+        return len(self._files)
 
     async def wait_idle(self) -> None:
         """Return once no request is being handled and no file is open (graceful stop).
@@ -419,16 +346,11 @@ class Filesystem(pyfuse3.Operations):
         Open files count: one read() of a reader is several kernel requests, and
         unmounting in a gap between two of them fails the read with ENOTCONN.
         """
-        while self.requests_in_flight or self._files:
+        while self.counters.requests_in_flight or len(self._files):
             self.idle = trio.Event()
-            await self.idle.wait()
+            await self.idle.wait()  # set as the last request in flight ends
 
     def statistics(self) -> FilesystemStatistics:
-        return FilesystemStatistics(
-            open_files=len(self._files),
-            open_dirs=len(self._dirs),
-            requests_in_flight=self.requests_in_flight,
-            internal_errors=self.internal_errors,
-            unpinned_opens=self.unpinned_opens,
-            inodes=self.inodes.statistics().inodes,
+        return replace(
+            self.counters, open_dirs=len(self._dirs), inodes=self.inodes.statistics().inodes
         )

@@ -57,7 +57,9 @@ class InodeTable:
         another kind of file, than its inode was given for.
         """
         inode = self._inodes.get(relpath)
-        if inode is not None and (st is None or inode == ROOT_INODE or self._same(inode, st)):
+        if inode is not None and (
+            st is None or inode == ROOT_INODE or self.is_same_version(inode, st)
+        ):
             if st is not None and inode != ROOT_INODE:
                 self._attributes[inode] = st
             return inode
@@ -70,17 +72,14 @@ class InodeTable:
             self._attributes[inode] = st
         return inode
 
-    def _same(self, inode: int, st: os.stat_result) -> bool:
+    def is_same_version(self, inode: int, st: os.stat_result) -> bool:
+        """False if `st` (a path's attributes now) is another version than `inode`'s."""
         known = self._attributes.get(inode)
         return known is None or identity_of(known) == identity_of(st)
 
     def attributes(self, inode: int) -> os.stat_result | None:
         """The attributes `inode` was last given with (None for the root)."""
         return self._attributes.get(inode)
-
-    def is_current(self, inode: int, st: os.stat_result) -> bool:
-        """False if `st` (the path's attributes now) is another version than `inode`'s."""
-        return self._same(inode, st)
 
     def looked_up(self, inode: int) -> None:
         """The kernel took a reference (lookup, readdirplus entry)."""

@@ -10,7 +10,7 @@ after a sequential reader, bounded in number.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import trio
@@ -18,6 +18,7 @@ import trio
 from memcachefs.blockstore import Block, BlockStore, Buffer
 from memcachefs.errors import ReadError, SourceError
 from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
 from memcachefs.source import Source
 
@@ -30,18 +31,19 @@ class PeerFetcher(Protocol):
         let the caller read the source. Never raises for peer failures."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class LoaderStatistics:
-    hits: int
-    misses: int
-    memory_bytes: int  # bytes handed to readers straight from memory (hits)
-    source_bytes: int
-    peer_bytes: int
-    peer_hits: int
-    source_errors: int
-    readahead_fills: int
-    fills_in_flight: int
-    deduplicated_fills: int
+    hits: int = counter("block lookups of reads answered from memory")
+    misses: int = counter("block lookups of reads that needed a fill")
+    memory_bytes: int = counter("bytes handed to readers from memory")
+    source_bytes: int = counter("bytes read from the source")
+    peer_bytes: int = counter("bytes received from peers (verified)")
+    peer_hits: int = counter("blocks received from peers (verified)")
+    readahead_fills: int = counter("fills started by readahead")
+    fills_in_flight: int = gauge("fills running now")
+    deduplicated_fills: int = counter(
+        "readers and peers that shared a fill already in flight instead of reading again"
+    )
 
 
 class Loader:
@@ -65,14 +67,7 @@ class Loader:
         self._read_ahead_blocks = min(read_ahead_blocks, max(0, capacity_blocks // 4))
         self._space_freed = trio.Event()
         self._readahead_in_flight = 0
-        self._hits = 0
-        self._misses = 0
-        self._memory_bytes = 0
-        self._source_bytes = 0
-        self._peer_bytes = 0
-        self._peer_hits = 0
-        self._source_errors = 0
-        self._readahead_fills = 0
+        self.counters = LoaderStatistics()
 
     def set_peers(self, peers: PeerFetcher | None) -> None:
         self._peers = peers
@@ -88,10 +83,10 @@ class Loader:
         """
         block = self.store.get(key)
         if block is not None:
-            self._hits += 1
-            self._memory_bytes += wanted_bytes
+            self.counters.hits += 1
+            self.counters.memory_bytes += wanted_bytes
             return block
-        self._misses += 1
+        self.counters.misses += 1
         try:
             return await self._filled(key, ask_peers=True)
         except ReadError:
@@ -124,7 +119,7 @@ class Loader:
             if key in self.store or self._flight.in_flight(key):
                 continue
             self._readahead_in_flight += 1
-            self._readahead_fills += 1
+            self.counters.readahead_fills += 1
             self._flight.start(key, functools.partial(self._readahead_fill, key))
 
     async def _readahead_fill(self, key: BlockKey) -> Block:
@@ -145,15 +140,11 @@ class Loader:
             if ask_peers and self._peers is not None:
                 checksum = await self._peers.fetch_into(key, view)
                 if checksum is not None:
-                    self._peer_hits += 1
-                    self._peer_bytes += length
+                    self.counters.peer_hits += 1
+                    self.counters.peer_bytes += length
             if checksum is None:
-                try:
-                    checksum = await self._source.read_block(key, view, self.block_size)
-                except (ReadError, OSError):
-                    self._source_errors += 1
-                    raise
-                self._source_bytes += length
+                checksum = await self._source.read_block(key, view, self.block_size)
+                self.counters.source_bytes += length
         except BaseException:
             self.store.release(buffer)
             self._wake_reservers()
@@ -173,15 +164,6 @@ class Loader:
 
     def statistics(self) -> LoaderStatistics:
         flight = self._flight.statistics()
-        return LoaderStatistics(
-            hits=self._hits,
-            misses=self._misses,
-            memory_bytes=self._memory_bytes,
-            source_bytes=self._source_bytes,
-            peer_bytes=self._peer_bytes,
-            peer_hits=self._peer_hits,
-            source_errors=self._source_errors,
-            readahead_fills=self._readahead_fills,
-            fills_in_flight=flight.in_flight,
-            deduplicated_fills=flight.joined,
+        return replace(
+            self.counters, fills_in_flight=flight.in_flight, deduplicated_fills=flight.joined
         )

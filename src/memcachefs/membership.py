@@ -25,6 +25,7 @@ import trio
 
 from memcachefs.config import ClusterConfig, parse_host_port
 from memcachefs.errors import ConfigError
+from memcachefs.metrics import counter, gauge
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ def read_peers_file(path: Path) -> list[tuple[str, int]]:
 
 @dataclass(frozen=True)
 class MembershipStatistics:
-    members: int  # peers known, not counting this instance
-    membership_changes: int
-    membership_errors: int
+    members: int = gauge("peers known (this instance not counted)")
+    membership_changes: int = counter("changes of the peer set")
+    membership_errors: int = counter("failed resolutions of peer names or the peers file")
 
 
 class Membership:

@@ -18,6 +18,7 @@ from typing import Generic, TypeVar
 import trio
 from cachetools import LRUCache
 
+from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
 from memcachefs.source import Source
 
@@ -33,10 +34,12 @@ class _Cached(Generic[V]):
 
 @dataclass(frozen=True)
 class MetadataStatistics:
-    cached_attributes: int
-    cached_listings: int
-    refreshes: int
-    stale_answers: int
+    cached_attributes: int = gauge("attribute answers cached")
+    cached_listings: int = gauge("directory listings cached")
+    refreshes: int = counter("metadata answers fetched from the source")
+    stale_answers: int = counter(
+        "previous answers served because the source did not answer in time"
+    )
 
 
 class MetadataCache:

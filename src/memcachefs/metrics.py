@@ -1,8 +1,12 @@
-"""Metric names in one place: the statistics snapshot `memcachefs stats` prints.
+"""Every metric named once: its key, kind and help text, next to the component that counts it.
 
-Every stateful component has a `statistics()` method returning a frozen
-dataclass; this module flattens them into one dict with stable key names
-(the JSON contract of `memcachefs stats --json`).
+Each stateful component keeps one statistics object, a dataclass whose fields
+are declared with `counter(help)` or `gauge(help)`, and increments its fields
+in place (``self.counters.hits += 1``); its `statistics()` returns a copy with
+the gauges filled in. `all_metrics()` collects the fields of every component's
+class: that list is the contract of `memcachefs stats`, `stats --json`, the
+stats xattr and Prometheus ``/metrics``, and the README's key tables are
+tested against it. A key belongs to exactly one component.
 """
 
 from __future__ import annotations
@@ -10,39 +14,96 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
+
+Kind = Literal["counter", "gauge"]
+
+
+def counter(help: str) -> Any:
+    """A field that only grows (since the mount)."""
+    return dataclasses.field(default=0, metadata={"kind": "counter", "help": help})
+
+
+def gauge(help: str) -> Any:
+    """A field that says how things are now."""
+    return dataclasses.field(default=0, metadata={"kind": "gauge", "help": help})
+
+
+@dataclasses.dataclass(frozen=True)
+class Metric:
+    name: str
+    kind: Kind
+    help: str
 
 
 class HasStatistics(Protocol):
     def statistics(self) -> Any: ...
 
 
-# Keys documented in the README; `stats --json` always carries at least these.
-REQUIRED_KEYS = (
-    "capacity_bytes",
-    "used_bytes",
-    "hits",
-    "misses",
-    "source_bytes",
-    "evictions",
+def metrics_of(statistics_class: type) -> list[Metric]:
+    out = []
+    for field in dataclasses.fields(statistics_class):
+        if "kind" not in field.metadata:
+            raise TypeError(f"{statistics_class.__name__}.{field.name} is not a counter or gauge")
+        out.append(Metric(field.name, field.metadata["kind"], field.metadata["help"]))
+    return out
+
+
+# Keys every snapshot carries besides the components' (see StatisticsSnapshot).
+PROCESS_METRICS = (
+    Metric("pid", "gauge", "the daemon's process id"),
+    Metric("rss_bytes", "gauge", "the daemon's resident memory"),
+    Metric("uptime_s", "gauge", "seconds since the daemon started"),
 )
 
-# Keys a mount with cluster options adds (see peers.py, README "Cluster").
-CLUSTER_KEYS = (
-    "peer_hits",
-    "peer_bytes",
-    "peer_fetches",
-    "peer_errors_timeout",
-    "peer_errors_refused",
-    "peer_errors_closed",
-    "peer_errors_auth",
-    "peer_errors_checksum",
-    "peer_errors_version",
-    "peer_errors_protocol",
-    "blocks_served_to_peers",
-    "deduplicated_fills",
-    "members",
-)
+
+def statistics_classes() -> dict[str, list[type]]:
+    """The statistics classes of every component, by the part of a mount that has them:
+    ``local`` (every mount; the page cache's unless --no-page-cache-push), ``cluster``
+    (with cluster options) and ``peer_server`` (with --listen)."""
+    from memcachefs import (
+        blockstore,
+        fs,
+        handles,
+        loader,
+        membership,
+        metadata,
+        pagecache,
+        peers,
+        source,
+    )
+
+    return {
+        "local": [
+            blockstore.StoreStatistics,
+            loader.LoaderStatistics,
+            source.SourceStatistics,
+            metadata.MetadataStatistics,
+            handles.HandleStatistics,
+            fs.FilesystemStatistics,
+            pagecache.PageCacheStatistics,
+        ],
+        "cluster": [membership.MembershipStatistics, peers.PeerClientStatistics],
+        "peer_server": [peers.PeerServerStatistics],
+    }
+
+
+def metric_names(part: str) -> set[str]:
+    """The keys a snapshot of a mount with `part` carries (see statistics_classes)."""
+    return {metric.name for cls in statistics_classes()[part] for metric in metrics_of(cls)}
+
+
+def all_metrics() -> dict[str, Metric]:
+    """Every metric by key; TypeError if two components claim one key."""
+    found: dict[str, Metric] = {metric.name: metric for metric in PROCESS_METRICS}
+    for classes in statistics_classes().values():
+        for statistics_class in classes:
+            for metric in metrics_of(statistics_class):
+                if metric.name in found:
+                    raise TypeError(f"metric {metric.name!r} is declared twice")
+                found[metric.name] = metric
+    return found
+
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
@@ -53,22 +114,20 @@ def rss_bytes() -> int:
 
 
 class StatisticsSnapshot:
-    """Collects `statistics()` of the named components into one flat dict."""
+    """Collects `statistics()` of the components into one flat dict."""
 
     def __init__(self, started_at: float | None = None, **static: Any) -> None:
-        self._components: dict[str, HasStatistics] = {}
+        self._components: list[HasStatistics] = []
         self._static = static
         self._started_at = time.monotonic() if started_at is None else started_at
 
-    def add(self, prefix: str, component: HasStatistics) -> None:
-        """Add a component; its fields appear as-is, or as `prefix_field` on a clash."""
-        self._components[prefix] = component
+    def add(self, component: HasStatistics) -> None:
+        self._components.append(component)
 
     def __call__(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self._static)
-        for prefix, component in self._components.items():
-            for field, value in dataclasses.asdict(component.statistics()).items():
-                out[field if field not in out else f"{prefix}_{field}"] = value
+        for component in self._components:
+            out.update(dataclasses.asdict(component.statistics()))
         out["pid"] = os.getpid()
         out["rss_bytes"] = rss_bytes()
         out["uptime_s"] = round(time.monotonic() - self._started_at, 3)
@@ -95,7 +154,7 @@ def format_report(stats: dict[str, Any]) -> str:
         f"fills       {stats.get('fills_in_flight', 0)} in flight, "
         f"{stats.get('deduplicated_fills', 0)} deduplicated, "
         f"{stats.get('readahead_fills', 0)} readahead",
-        f"errors      {stats.get('source_errors', 0)} source, "
+        f"errors      {stats.get('read_errors', 0)} source, "
         f"{stats.get('stale_reads', 0)} stale, {stats.get('internal_errors', 0)} internal",
     ]
     if "page_cache_pushed_bytes" in stats:
@@ -112,8 +171,9 @@ def _cluster_report(stats: dict[str, Any]) -> list[str]:
     from memcachefs.config import format_size
 
     errors = ", ".join(
-        f"{stats.get(f'peer_errors_{kind}', 0)} {kind}"
-        for kind in ("timeout", "refused", "closed", "auth", "checksum", "version", "protocol")
+        f"{value} {key.removeprefix('peer_errors_')}"
+        for key, value in sorted(stats.items())
+        if key.startswith("peer_errors_")
     )
     return [
         f"peers       {stats.get('members', 0)} known, {stats.get('peers_down', 0)} down; "

@@ -20,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyfuse3
@@ -28,6 +28,7 @@ import trio
 
 from memcachefs.blockstore import BlockStore
 from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.metrics import counter, gauge
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,12 @@ log = logging.getLogger(__name__)
 NotifyStore = Callable[[int, int, Any], None]
 
 
-@dataclass(frozen=True)
+@dataclass
 class PageCacheStatistics:
-    page_cache_pushes: int  # files whose cached blocks were pushed on open
-    page_cache_pushed_bytes: int
-    page_cache_push_errors: int
+    page_cache_pushes: int = counter("opens that pushed cached blocks into the kernel page cache")
+    page_cache_pushed_bytes: int = counter("bytes pushed into the kernel page cache")
+    page_cache_push_errors: int = counter("pushes the kernel refused")
+    page_cache_pushes_in_flight: int = gauge("pushes running now")
 
 
 class _Push:
@@ -66,21 +68,15 @@ class PageCachePusher:
         # One thread: a push competes for the CPU with the reader it helps.
         self._limiter = trio.CapacityLimiter(1)
         self._pushes: dict[int, _Push] = {}
-        self._files_pushed = 0
-        self._bytes = 0
-        self._errors = 0
+        self.counters = PageCacheStatistics()
 
     def push(self, inode: int, version: FileVersion) -> None:
         """Start pushing the cached blocks of `version` for `inode` (no wait)."""
-        running = self._pushes.get(inode)
-        if running is not None and running.version == version:
-            return
-        if running is not None:
-            raise RuntimeError("stop() the push of the other version first")
-        if not self._any_cached(version):
+        # An inode holds one version (inodes.py): a push running for it is this one.
+        if inode in self._pushes or not self._any_cached(version):
             return
         push = self._pushes[inode] = _Push(version)
-        self._files_pushed += 1
+        self.counters.page_cache_pushes += 1
         self._nursery.start_soon(self._run, inode, push)
 
     async def stop(self, inode: int) -> None:
@@ -95,10 +91,6 @@ class PageCachePusher:
         """Stop every push and wait for the threads (before the FUSE session closes)."""
         for inode in list(self._pushes):
             await self.stop(inode)
-
-    def pushing(self, inode: int) -> FileVersion | None:
-        push = self._pushes.get(inode)
-        return None if push is None else push.version
 
     def _any_cached(self, version: FileVersion) -> bool:
         block_size = self._store.block_size_bytes
@@ -134,19 +126,15 @@ class PageCachePusher:
                         )
                     finally:
                         block.pins -= 1
-                    self._bytes += length
+                    self.counters.page_cache_pushed_bytes += length
         except OSError as error:
             # ENOENT: the kernel forgot the inode; nothing to push into.
             if error.errno != errno.ENOENT:
-                self._errors += 1
+                self.counters.page_cache_push_errors += 1
                 log.info("page cache push for inode %d stopped: %s", inode, error)
         finally:
             del self._pushes[inode]
             push.done.set()
 
     def statistics(self) -> PageCacheStatistics:
-        return PageCacheStatistics(
-            page_cache_pushes=self._files_pushed,
-            page_cache_pushed_bytes=self._bytes,
-            page_cache_push_errors=self._errors,
-        )
+        return replace(self.counters, page_cache_pushes_in_flight=len(self._pushes))

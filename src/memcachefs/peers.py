@@ -50,6 +50,7 @@ from memcachefs.hashring import HashRing
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership, split_member_id
+from memcachefs.metrics import counter, gauge
 from memcachefs.protocol import (
     ERROR,
     HIT,
@@ -128,15 +129,17 @@ def _receive_payload(fd: int, buffer: memoryview, timeout_s: float) -> int:
 
 @dataclass(frozen=True)
 class PeerServerStatistics:
-    peer_requests_served: int
-    blocks_served_to_peers: int
-    bytes_served_to_peers: int
-    peer_misses_served: int
-    peer_requests_refused: int  # authenticated, but a bad path, key or block size
-    peer_auth_failures: int  # unauthenticated: connection closed, nothing sent
-    peer_protocol_errors: int  # malformed requests: connection closed
-    peer_connections: int
-    peer_requests_in_flight: int
+    peer_requests_served: int = counter("authenticated peer requests answered")
+    blocks_served_to_peers: int = counter("blocks sent to peers")
+    bytes_served_to_peers: int = counter("bytes sent to peers")
+    peer_misses_served: int = counter("peer requests answered 'not here'")
+    peer_requests_refused: int = counter(
+        "authenticated requests refused: a bad path, block size or index"
+    )
+    peer_auth_failures: int = counter("requests refused unanswered: unauthenticated or replayed")
+    peer_protocol_errors: int = counter("malformed requests (connection closed)")
+    peer_connections: int = gauge("peer connections open now")
+    peer_requests_in_flight: int = gauge("peer requests being answered now")
 
 
 class PeerServer:
@@ -365,20 +368,24 @@ class _Peer:
 
 @dataclass(frozen=True)
 class PeerClientStatistics:
-    peer_fetches: int
-    peer_fetch_misses: int
-    peer_errors_timeout: int
-    peer_errors_refused: int
-    peer_errors_closed: int
-    peer_errors_auth: int  # the peer closed the connection without answering (bad secret?)
-    peer_errors_checksum: int
-    peer_errors_version: int
-    peer_errors_protocol: int
-    peer_errors_remote: int  # the peer answered that it could not produce the block
-    peer_holder_fetches: int  # requests to a known holder instead of the owner (memory only)
-    peer_holder_hits: int  # blocks a known holder served
-    peers_down: int
-    peer_connections_opened: int
+    peer_fetches: int = counter("requests sent to peers")
+    peer_fetch_misses: int = counter("peer requests answered 'not here'")
+    peer_errors_timeout: int = counter("peer requests past the deadline")
+    peer_errors_refused: int = counter("peer connections refused")
+    peer_errors_closed: int = counter("peer connections reset or dropped mid-answer")
+    peer_errors_auth: int = counter(
+        "peer connections closed without an answer (wrong secret, clock skew)"
+    )
+    peer_errors_checksum: int = counter("peer payloads whose checksum did not match")
+    peer_errors_version: int = counter("peer answers for another block or file version")
+    peer_errors_protocol: int = counter("malformed peer answers")
+    peer_errors_remote: int = counter("peers that could not produce the block")
+    peer_holder_fetches: int = counter(
+        "requests sent to a less loaded known holder instead of the owner"
+    )
+    peer_holder_hits: int = counter("blocks known holders served")
+    peers_down: int = gauge("peers in backoff now")
+    peer_connections_opened: int = counter("connections opened to peers")
 
 
 class PeerClient:

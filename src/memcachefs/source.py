@@ -12,11 +12,14 @@ taken before the mount, so no path, however crafted, reads outside the root.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import math
 import os
 import stat
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 import trio
@@ -24,12 +27,14 @@ import xxhash
 
 from memcachefs.errors import MemcachefsError, SourceError, StaleVersion
 from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.metrics import counter, gauge
 
 T = TypeVar("T")
 
 MAX_NAME_BYTES = 255
 MAX_PATH_BYTES = 4096
 _IDLE_DESCRIPTORS = 64
+_CLOSE_THREADS = 2  # closes in flight at once (one may be stuck on a stalled source)
 
 
 class PathRejected(MemcachefsError):
@@ -64,14 +69,13 @@ class _Descriptor:
     refs: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass
 class SourceStatistics:
-    block_reads: int
-    bytes_read: int
-    read_errors: int
-    stale_reads: int
-    open_descriptors: int
-    metadata_calls: int
+    block_reads: int = counter("blocks read from the source")
+    read_errors: int = counter("source opens and block reads that failed")
+    stale_reads: int = counter("block reads refused because the file changed in the source")
+    open_descriptors: int = gauge("source files held open")
+    metadata_calls: int = counter("metadata calls to the source (stat, listing, xattr, statfs)")
 
 
 class Source:
@@ -83,17 +87,38 @@ class Source:
         self._block_limiter = trio.CapacityLimiter(block_threads)
         self._metadata_limiter = trio.CapacityLimiter(metadata_threads)
         self._descriptors: dict[FileVersion, _Descriptor] = {}
-        self._block_reads = 0
-        self._bytes_read = 0
-        self._read_errors = 0
-        self._stale_reads = 0
-        self._metadata_calls = 0
+        # close(2) of a file on a FUSE source (s3fs) waits for its FLUSH: never on
+        # the trio thread, where a stalled source would freeze every cached read.
+        self._to_close, self._closing = trio.open_memory_channel[int](math.inf)
+        self.counters = SourceStatistics()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Close released descriptors in worker threads, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            for _ in range(_CLOSE_THREADS):
+                nursery.start_soon(self._close_released)
+            task_status.started()
+
+    async def _close_released(self) -> None:
+        async for fd in self._closing:
+            # Abandoned on cancel: a close stuck on a stalled source must not hold
+            # up shutdown; the thread finishes it whenever the source answers.
+            await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True)
+
+    def _close_later(self, fd: int) -> None:
+        self._to_close.send_nowait(fd)
 
     def close(self) -> None:
-        for descriptor in self._descriptors.values():
-            os.close(descriptor.fd)
+        """Close every descriptor (in a thread of its own: the source may be stalled)."""
+        fds = [descriptor.fd for descriptor in self._descriptors.values()]
         self._descriptors.clear()
-        os.close(self._root_fd)
+        while True:
+            try:
+                fds.append(self._closing.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+        fds.append(self._root_fd)
+        threading.Thread(target=_close_all, args=(fds,), daemon=True).start()
 
     def __enter__(self) -> Source:
         return self
@@ -166,18 +191,26 @@ class Source:
             os.close(dir_fd)
 
     async def _metadata(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
-        self._metadata_calls += 1
+        self.counters.metadata_calls += 1
         return await trio.to_thread.run_sync(
             lambda: call(*args, **kwargs), limiter=self._metadata_limiter
         )
 
     # -- file data -----------------------------------------------------------
     async def open(self, relpath: bytes) -> FileVersion:
-        """Open a regular file and pin its current version until `release`."""
+        """Open a regular file and keep it open for its current version; `pin` holds it."""
         fd, st = await self._metadata(self._open_regular, relpath)
         version = version_of(relpath, st)
-        self._adopt(version, fd).refs += 1
+        self._adopt(version, fd)
         return version
+
+    def pin(self, version: FileVersion) -> bool:
+        """Hold the file kept open for `version` until `release`; False if none is kept."""
+        descriptor = self._descriptors.get(version)
+        if descriptor is None:
+            return False
+        descriptor.refs += 1
+        return True
 
     async def fstat(self, version: FileVersion) -> os.stat_result | None:
         """Attributes of the file held open for `version` (even once removed from the
@@ -210,11 +243,11 @@ class Source:
             try:
                 fd, st = await self._metadata(self._open_regular, version.relpath)
             except OSError as error:
-                self._read_errors += 1
+                self.counters.read_errors += 1
                 raise SourceError(f"open {version.relpath!r}: {error.strerror}") from error
             if version_of(version.relpath, st) != version:
-                os.close(fd)
-                self._stale_reads += 1
+                self._close_later(fd)
+                self.counters.stale_reads += 1
                 raise StaleVersion(f"{version.relpath!r} changed in the source")
             descriptor = self._adopt(version, fd)
         descriptor.refs += 1
@@ -228,16 +261,15 @@ class Source:
                 limiter=self._block_limiter,
             )
         except StaleVersion:
-            self._stale_reads += 1
+            self.counters.stale_reads += 1
             raise
         except OSError as error:
-            self._read_errors += 1
+            self.counters.read_errors += 1
             raise SourceError(f"read {version.relpath!r}: {error.strerror}") from error
         finally:
             descriptor.refs -= 1
             self._close_idle()
-        self._block_reads += 1
-        self._bytes_read += len(buffer)
+        self.counters.block_reads += 1
         return checksum
 
     def _adopt(self, version: FileVersion, fd: int) -> _Descriptor:
@@ -246,13 +278,13 @@ class Source:
         if descriptor is None:
             descriptor = self._descriptors[version] = _Descriptor(fd)
         else:
-            os.close(fd)
+            self._close_later(fd)
         return descriptor
 
     def _close_idle(self) -> None:
         idle = [v for v, d in self._descriptors.items() if d.refs == 0]
         for version in idle[: max(0, len(idle) - _IDLE_DESCRIPTORS)]:
-            os.close(self._descriptors.pop(version).fd)
+            self._close_later(self._descriptors.pop(version).fd)
 
     def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
         # O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
@@ -289,14 +321,13 @@ class Source:
                 os.close(dir_fd)
 
     def statistics(self) -> SourceStatistics:
-        return SourceStatistics(
-            block_reads=self._block_reads,
-            bytes_read=self._bytes_read,
-            read_errors=self._read_errors,
-            stale_reads=self._stale_reads,
-            open_descriptors=len(self._descriptors),
-            metadata_calls=self._metadata_calls,
-        )
+        return replace(self.counters, open_descriptors=len(self._descriptors))
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result:

@@ -21,11 +21,10 @@ import xxhash
 
 from memcachefs import source as source_module
 from memcachefs.blockstore import BlockStore
+from memcachefs.daemon import Service, build_service
 from memcachefs.fs import STATS_XATTR, Filesystem
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
-from memcachefs.metadata import MetadataCache
-from memcachefs.metrics import StatisticsSnapshot
 from memcachefs.source import Source
 
 BS = 4096
@@ -45,11 +44,21 @@ class ManualClock:
 class Served:
     root: Path
     fs: Filesystem
-    store: BlockStore
-    loader: Loader
-    source: Source
+    service: Service
     clock: ManualClock
     listed: list[tuple[bytes, pyfuse3.EntryAttributes, int]]
+
+    @property
+    def store(self) -> BlockStore:
+        return self.service.store
+
+    @property
+    def loader(self) -> Loader:
+        return self.service.loader
+
+    @property
+    def source(self) -> Source:
+        return self.service.source
 
     async def inode(self, relpath: str) -> int:
         inode = ROOT
@@ -81,27 +90,22 @@ async def serving(
         return token is None or len(listed) < token
 
     with Source(root, block_threads=4, metadata_threads=4) as source:
-        store = BlockStore(capacity_blocks * BS, BS)
         async with trio.open_nursery() as nursery:
+            await nursery.start(source.run)
             # A long grace by default: opens never fall back to unpinned versions.
-            metadata = MetadataCache(
-                source, nursery, ttl_s=TTL_S, stale_grace_s=stale_grace_s, clock=clock
-            )
-            loader = Loader(store, source, nursery, read_ahead_blocks=read_ahead_blocks)
-            statistics = StatisticsSnapshot(block_size_bytes=BS)
-            fs = Filesystem(
+            service = build_service(
                 source,
-                metadata,
-                loader,
+                nursery,
+                capacity_bytes=capacity_blocks * BS,
+                block_size_bytes=BS,
+                read_ahead_blocks=read_ahead_blocks,
                 attr_timeout_s=TTL_S,
-                statistics=statistics,
+                push_page_cache=False,
+                stale_grace_s=stale_grace_s,
+                clock=clock,
                 readdir_reply=reply,
-                nursery=nursery,
             )
-            statistics.add("store", store)
-            statistics.add("loader", loader)
-            statistics.add("fs", fs)
-            yield Served(root, fs, store, loader, source, clock, listed)
+            yield Served(root, service.fs, service, clock, listed)
             nursery.cancel_scope.cancel()
 
 
@@ -159,15 +163,6 @@ async def test_a_new_file_is_found_by_name_at_once(served: Served) -> None:
     await expect_errno(errno.ENOENT, served.fs.lookup(ROOT, b"late"))
     (served.root / "late").write_bytes(b"hello")
     assert (await served.fs.lookup(ROOT, b"late")).st_size == 5
-
-
-async def test_lookup_of_dot_and_dotdot(served: Served) -> None:
-    (served.root / "d").mkdir()
-    (served.root / "d" / "f").write_bytes(b"")
-    d = await served.inode("d")
-    assert (await served.fs.lookup(d, b".")).st_ino == d
-    assert (await served.fs.lookup(d, b"..")).st_ino == ROOT
-    assert (await served.fs.lookup(ROOT, b"..")).st_ino == ROOT
 
 
 async def test_forgotten_inode_is_estale(served: Served) -> None:
@@ -250,7 +245,7 @@ async def test_read_returns_exact_bytes_across_block_boundaries(
     assert bytes(await served.fs.read(fh, len(data), 10)) == b""
     assert bytes(await served.fs.read(fh, len(data) + BS, 10)) == b""
     await served.fs.release(fh)
-    assert served.fs.statistics().open_files == 0
+    assert served.service.files.statistics().open_files == 0
 
 
 async def test_a_second_read_comes_from_memory(served: Served, make_payload) -> None:
@@ -375,7 +370,7 @@ async def test_open_for_writing_is_erofs(served: Served, flags: int) -> None:
     (served.root / "f").write_bytes(b"keep")
     await expect_errno(errno.EROFS, served.fs.open(await served.inode("f"), flags))
     assert (served.root / "f").read_bytes() == b"keep"
-    assert served.fs.statistics().open_files == 0
+    assert served.service.files.statistics().open_files == 0
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -391,8 +386,8 @@ async def test_unexpected_exception_becomes_eio_and_is_counted(
     monkeypatch.setattr(served.fs._metadata, "lstat", broken)
     with caplog.at_level(logging.ERROR, logger="memcachefs.fs"):
         await expect_errno(errno.EIO, served.fs.getattr(inode))
-    assert served.fs.internal_errors == 1
-    assert served.fs.requests_in_flight == 0
+    assert served.fs.counters.internal_errors == 1
+    assert served.fs.counters.requests_in_flight == 0
     assert [r.levelno for r in caplog.records if r.name == "memcachefs.fs"] == [logging.ERROR]
     monkeypatch.undo()
     assert (await served.fs.getattr(inode)).st_size == 1  # still serving
@@ -409,7 +404,7 @@ async def test_source_read_error_becomes_eio(
 
     monkeypatch.setattr(source_module, "_read_exactly", failing_read)
     await expect_errno(errno.EIO, served.fs.read(fh, 0, BS))
-    assert served.fs.internal_errors == 0
+    assert served.fs.counters.internal_errors == 0
     assert served.source.statistics().read_errors >= 1
     monkeypatch.undo()
     assert bytes(await served.fs.read(fh, 0, BS)) == b"y" * BS  # the next read retries
@@ -491,7 +486,7 @@ async def test_open_on_a_stalled_source_serves_cached_blocks_unpinned(
         started = trio.current_time()
         fh = (await served.fs.open(inode, os.O_RDONLY)).fh
         assert trio.current_time() - started == pytest.approx(0.5)  # the grace, not forever
-        assert served.fs.statistics().unpinned_opens == 1
+        assert served.service.files.statistics().unpinned_opens == 1
         assert bytes(await served.fs.read(fh, 0, BS)) == data[:BS]
         # A block that needs the source is read by path and checked against the version.
         assert bytes(await served.fs.read(fh, BS, BS)) == data[BS:]

@@ -56,7 +56,7 @@ def test_a_new_version_of_a_file_gets_a_new_inode_and_the_old_one_lives_on() -> 
     table.looked_up(new)
     assert new != old
     assert table.path(old) == table.path(new) == b"m"
-    assert not table.is_current(old, _stat(20, 2))
+    assert not table.is_same_version(old, _stat(20, 2))
     old_attributes = table.attributes(old)
     assert old_attributes is not None and old_attributes.st_size == 10
     table.forget(old, 1)  # the old inode goes; the path keeps its new inode
