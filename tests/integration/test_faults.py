@@ -82,6 +82,36 @@ def test_stalled_source_does_not_block_cached_reads(fault_source, memcachefs_mou
     assert fs.unmount() == 0  # nothing is left waiting on the source
 
 
+def test_closing_source_files_on_a_stalled_source_does_not_block_cached_reads(
+    fault_source, memcachefs_mount
+) -> None:
+    # The daemon keeps at most 64 idle source descriptors: releasing 80 handles
+    # closes 16 source files, and each close(2) waits on the stalled source.
+    names = [f"f{i:03d}" for i in range(80)]
+    for name in names:
+        (fault_source.backing / name).write_bytes(name.encode() * 100)
+    cached = random.Random(4).randbytes(MiB)
+    (fault_source.backing / "cached.bin").write_bytes(cached)
+    fs = memcachefs_mount(fault_source.path, capacity="16M", args=["--block-size", "256K"])
+    assert (fs.path / "cached.bin").read_bytes() == cached
+    with open(fs.path / "cached.bin", "rb", buffering=0) as reader:
+        handles = [open(fs.path / name, "rb") for name in names]  # noqa: SIM115
+        assert all(h.read() == name.encode() * 100 for h, name in zip(handles, names, strict=True))
+        with fault_source.stalled():
+            for handle in handles:
+                handle.close()
+            wait_until(lambda: fs.stats()["open_files"] == 1, "the handles to be released")
+
+            def read_cached() -> bytes:
+                drop_page_cache(fs.path / "cached.bin")
+                return os.pread(reader.fileno(), len(cached), 0)
+
+            with in_thread(read_cached) as cached_read:
+                assert cached_read(10.0) == cached
+            assert fs.stats()["open_descriptors"] <= 66
+    assert fs.unmount() == 0
+
+
 HANDLER_FAULTS = {
     "read": (
         "memcachefs.source.Source.read_block",

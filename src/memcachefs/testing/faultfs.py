@@ -7,7 +7,8 @@ file reads bypass the page cache), with two faults a test controls:
 
 - a read of a file whose name contains ``.eio`` fails with EIO;
 - while the stall file exists (default: SRC's sibling ``SRC.stall``), every
-  request waits until it is removed: a frozen network source.
+  request waits until it is removed, FLUSH (sent by every close(2)) included:
+  a frozen network source.
 
 It stands in for the slow directory under memcachefs. Its inode numbers are
 its own; stop it with SIGTERM/SIGINT or by unmounting MNT.
@@ -159,6 +160,10 @@ class FaultFS(pyfuse3.Operations):
             return os.pread(fh, size, off)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+
+    async def flush(self, fh: int) -> None:
+        # As a network FUSE client does at close(2): a stalled source stalls the close.
+        await self._gate()
 
     async def release(self, fh: int) -> None:
         if self._fds.pop(fh, None) is not None:
