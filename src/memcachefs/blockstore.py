@@ -139,6 +139,10 @@ class BlockStore:
         self._reserved_bytes -= len(buffer)
         self._recycle(buffer)
 
+    def abandon(self, buffer: Buffer) -> None:
+        """Forget a reserved buffer that a thread may still write into (never reused)."""
+        self._reserved_bytes -= len(buffer)
+
     def discard(self, key: BlockKey) -> None:
         block = self._lru.pop(key, None)
         if block is not None:

@@ -21,12 +21,14 @@ from typing import Any, NoReturn
 
 from memcachefs import __version__, mounts
 from memcachefs.config import OPTIONS, MountConfig, OptionField, format_size, load_config
+from memcachefs.control import CONFIG_XATTR, STATS_XATTR
 from memcachefs.errors import ConfigError, MemcachefsError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 READY_TIMEOUT_S = 60.0
+UMOUNT_SLACK_S = 5.0  # beyond the daemon's grace period
 
 log = logging.getLogger("memcachefs")
 
@@ -340,37 +342,47 @@ def _umount(mountpoint: Path) -> int:
     path = mountpoint.absolute()
     if mounts.find_mount(path) is None:
         raise ConfigError(f"{mountpoint} is not mounted")
-    pid = _daemon_pid(path)
+    try:
+        config = json.loads(read_root_xattr(path, CONFIG_XATTR, timeout_s=5.0))
+        pid = int(json.loads(read_root_xattr(path, STATS_XATTR, timeout_s=5.0))["pid"])
+    except (ConfigError, KeyError, ValueError):
+        config, pid = {}, None  # a dead or hung daemon: unmount all the same
     try:
         mounts.unmount(path)
     except OSError:
         mounts.unmount(path, lazy=True)  # a dead daemon or a busy mount
     if pid is not None:
-        _wait_for_exit(pid, timeout_s=30.0)
+        # After an unmount the daemon gives requests in flight its grace period.
+        timeout_s = float(config.get("shutdown_grace_s", 5.0)) + UMOUNT_SLACK_S
+        if not _wait_for_exit(pid, timeout_s):
+            # Its mount is gone; a thread may wait in a read the source has not
+            # answered (an uninterruptible wait in the kernel).
+            print(
+                f"memcachefs: unmounted {mountpoint}; its daemon (pid {pid}) is still "
+                f"waiting for the source after {timeout_s:.0f}s and exits once it answers",
+                file=sys.stderr,
+            )
     return EXIT_OK
 
 
-def _daemon_pid(mountpoint: Path) -> int | None:
-    try:
-        return int(read_statistics(mountpoint, timeout_s=5.0)["pid"])
-    except (ConfigError, KeyError, ValueError):
-        return None
-
-
-def _wait_for_exit(pid: int, timeout_s: float) -> None:
+def _wait_for_exit(pid: int, timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            return
+            return True
         time.sleep(0.05)
+    return False
 
 
 def read_statistics(mountpoint: Path, timeout_s: float = 10.0) -> dict[str, Any]:
     """The statistics of the daemon serving `mountpoint` (via an xattr of its root)."""
-    from memcachefs.fs import STATS_XATTR
+    return dict(json.loads(read_root_xattr(mountpoint, STATS_XATTR, timeout_s)))
 
+
+def read_root_xattr(mountpoint: Path, name: bytes, timeout_s: float = 10.0) -> bytes:
+    """One of the daemon's own xattrs of the mount's root (see fs.py); ConfigError if none."""
     # getxattr on a hung daemon would block forever: ask from a child with a deadline.
     try:
         result = subprocess.run(
@@ -379,7 +391,7 @@ def read_statistics(mountpoint: Path, timeout_s: float = 10.0) -> dict[str, Any]
                 "-c",
                 "import os,sys; sys.stdout.buffer.write(os.getxattr(sys.argv[1], sys.argv[2]))",
                 str(mountpoint),
-                STATS_XATTR.decode(),
+                name.decode(),
             ],
             capture_output=True,
             timeout=timeout_s,
@@ -393,13 +405,15 @@ def read_statistics(mountpoint: Path, timeout_s: float = 10.0) -> dict[str, Any]
         if mounts.is_stale(mountpoint):
             raise ConfigError(f"{mountpoint}: the daemon is gone (stale mount)")
         raise ConfigError(f"{mountpoint} is not a memcachefs mount")
-    return dict(json.loads(result.stdout))
+    return result.stdout
 
 
 def _stats(mountpoint: Path, *, as_json: bool) -> int:
     from memcachefs.metrics import format_report
 
-    if not mountpoint.exists() and not mounts.is_stale(mountpoint):
+    if mounts.is_stale(mountpoint):
+        raise ConfigError(f"{mountpoint}: the daemon is gone (stale mount; memcachefs umount it)")
+    if not mountpoint.exists():
         raise ConfigError(f"{mountpoint} does not exist")
     stats = read_statistics(mountpoint)
     print(json.dumps(stats, indent=2, sort_keys=True) if as_json else format_report(stats))

@@ -24,8 +24,9 @@ import trio
 from memcachefs import mounts
 from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig, MountConfig
+from memcachefs.control import CONFIG_XATTR, STATS_XATTR
 from memcachefs.errors import MemcachefsError, MountError
-from memcachefs.fs import CONFIG_XATTR, STATS_XATTR, Filesystem, ReaddirReply
+from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
@@ -38,6 +39,7 @@ from memcachefs.source import Source
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
+UNMOUNT_POLL_S = 1.0
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -175,9 +177,13 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                 )
                 _mount(fs, config)
                 try:
-                    nursery.start_soon(_announce_ready, config, on_ready)
-                    nursery.start_soon(_stop_on_signal, fs, config.shutdown_grace_s, peer_server)
-                    await pyfuse3.main()
+                    with trio.CancelScope() as fuse_loop:
+                        nursery.start_soon(_announce_ready, config, on_ready)
+                        nursery.start_soon(_stop_on_signal, fs, config, peer_server, fuse_loop)
+                        nursery.start_soon(_end_after_unmount, config, fuse_loop)
+                        await pyfuse3.main()
+                    if fuse_loop.cancelled_caught:
+                        log.warning("requests still in flight were abandoned (they get an error)")
                 finally:
                     if service.pusher is not None:
                         # No thread may store pages once the FUSE session is closed.
@@ -262,7 +268,10 @@ async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> 
     on_ready()
 
 
-async def _stop_on_signal(fs: Filesystem, grace_s: float, peer_server: PeerServer | None) -> None:
+async def _stop_on_signal(
+    fs: Filesystem, config: MountConfig, peer_server: PeerServer | None, fuse_loop: trio.CancelScope
+) -> None:
+    grace_s = config.shutdown_grace_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async for signum in signals:
             log.info(
@@ -274,6 +283,7 @@ async def _stop_on_signal(fs: Filesystem, grace_s: float, peer_server: PeerServe
                     # No new peer requests from here on; the answers in flight are sent.
                     await peer_server.drain()
                 await fs.wait_idle()
+            pyfuse3.terminate()
             if scope.cancelled_caught:
                 log.warning(
                     "%d requests in flight and %d open files after %.1fs; unmounting anyway",
@@ -281,5 +291,18 @@ async def _stop_on_signal(fs: Filesystem, grace_s: float, peer_server: PeerServe
                     fs.open_files,
                     grace_s,
                 )
-            pyfuse3.terminate()
+                # pyfuse3.main() waits for its handlers: end those stuck on the source.
+                fuse_loop.cancel()
             return
+
+
+async def _end_after_unmount(config: MountConfig, fuse_loop: trio.CancelScope) -> None:
+    """Once the mount is gone (unmounted from outside), give the requests still in
+    flight the grace period, then end them: a stalled source must not keep the
+    daemon alive after its mount is gone."""
+    # Polled: the kernel tells no one when a mount goes away.
+    while await trio.to_thread.run_sync(mounts.find_mount, config.mountpoint) is not None:  # noqa: ASYNC110
+        await trio.sleep(UNMOUNT_POLL_S)
+    log.info("%s was unmounted", config.mountpoint)
+    await trio.sleep(config.shutdown_grace_s)
+    fuse_loop.cancel()

@@ -33,8 +33,6 @@ log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
-STATS_XATTR = b"user.memcachefs.stats"
-CONFIG_XATTR = b"user.memcachefs.config"
 ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 

@@ -145,6 +145,10 @@ class Loader:
             if checksum is None:
                 checksum = await self._source.read_block(key, view, self.block_size)
                 self.counters.source_bytes += length
+        except trio.Cancelled:
+            # A read abandoned at shutdown may still write into the buffer: drop it.
+            self.store.abandon(buffer)
+            raise
         except BaseException:
             self.store.release(buffer)
             self._wake_reservers()

@@ -84,7 +84,9 @@ def unmount(mountpoint: str | os.PathLike[str], *, lazy: bool = False) -> None:
     commands = []
     if fusermount:
         commands.append([fusermount, "-u", *(["-z"] if lazy else []), "-q", path])
-    if shutil.which("umount"):
+    elif shutil.which("umount"):
+        # Only without fusermount: umount(8) asks statfs of the mount, which can
+        # wait on a stalled source.
         commands.append(["umount", *(["-l"] if lazy else []), path])
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, check=False)

@@ -192,8 +192,10 @@ class Source:
 
     async def _metadata(self, call: Callable[..., T], *args: object, **kwargs: object) -> T:
         self.counters.metadata_calls += 1
+        # Abandoned on cancel (only at shutdown: fills and lookups run in the service
+        # nursery): a call stuck on a stalled source must not hold up the exit.
         return await trio.to_thread.run_sync(
-            lambda: call(*args, **kwargs), limiter=self._metadata_limiter
+            lambda: call(*args, **kwargs), limiter=self._metadata_limiter, abandon_on_cancel=True
         )
 
     # -- file data -----------------------------------------------------------
@@ -259,6 +261,7 @@ class Source:
                 key.offset(block_size),
                 version,
                 limiter=self._block_limiter,
+                abandon_on_cancel=True,  # the loader then never reuses the buffer
             )
         except StaleVersion:
             self.counters.stale_reads += 1

@@ -10,7 +10,7 @@ from support import free_port, run_cli
 
 from memcachefs.cli import build_parser, config_from_args
 from memcachefs.config import OPTIONS
-from memcachefs.fs import CONFIG_XATTR
+from memcachefs.control import CONFIG_XATTR
 
 
 def non_default_values(tmp_path: Path) -> dict[str, list[str]]:

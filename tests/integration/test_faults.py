@@ -12,10 +12,12 @@ from __future__ import annotations
 import errno
 import os
 import random
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from support import drop_page_cache, in_thread, wait_until
+from support import drop_page_cache, in_thread, run_cli, wait_until
 
 pytestmark = pytest.mark.fuse
 
@@ -110,6 +112,42 @@ def test_closing_source_files_on_a_stalled_source_does_not_block_cached_reads(
                 assert cached_read(10.0) == cached
             assert fs.stats()["open_descriptors"] <= 66
     assert fs.unmount() == 0
+
+
+@pytest.mark.parametrize("how", ["sigterm", "umount"])
+def test_shutdown_with_a_stalled_source_ends_within_the_grace_period(
+    fault_source, memcachefs_mount, how: str
+) -> None:
+    cached = random.Random(5).randbytes(MiB)
+    (fault_source.backing / "cached.bin").write_bytes(cached)
+    (fault_source.backing / "cold.bin").write_bytes(random.Random(6).randbytes(MiB))
+    fs = memcachefs_mount(
+        fault_source.path,
+        capacity="16M",
+        args=["--block-size", "256K", "--shutdown-grace", "1"],
+        expected_log=["requests in flight", "abandoned"],
+    )
+    assert (fs.path / "cached.bin").read_bytes() == cached
+    cold = fs.path / "cold.bin"
+    assert cold.stat().st_size == MiB  # known: its open falls back to these attributes
+    with fault_source.stalled(), in_thread(cold.read_bytes) as cold_read:
+        wait_until(lambda: fs.stats()["fills_in_flight"] >= 1, "the cold read to stall")
+        started = time.monotonic()
+        if how == "sigterm":
+            fs.signal(signal.SIGTERM)
+        else:
+            result = run_cli("umount", fs.path, timeout_s=30)
+            assert result.returncode == 0, result.stderr
+        wait_until(lambda: "INFO memcachefs.daemon: unmounted" in fs.log_text(), "the unmount")
+        assert not fs.mounted
+        assert time.monotonic() - started < 1 + 8  # the grace period, and a few seconds
+        with pytest.raises(OSError):
+            cold_read()  # the read in flight got an error
+    # A thread of the daemon waited in the source's read (an uninterruptible wait in
+    # the kernel): the process ends once the source answers.
+    assert fs.wait(timeout_s=15) == 0
+    # The source answers again: nothing of the daemon is left behind.
+    assert (fault_source.path / "cached.bin").read_bytes() == cached
 
 
 HANDLER_FAULTS = {

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import threading
 from pathlib import Path
 
@@ -109,3 +110,17 @@ def test_stats_of_a_stopped_mount_is_one_line(memcachefs_source: Path, memcachef
     result = run_cli("stats", fs.path)
     assert result.returncode == 2
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_stats_of_a_killed_daemon_says_the_mount_is_stale(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    fs = memcachefs_mount(memcachefs_source, capacity="8M")
+    fs.signal(signal.SIGKILL)
+    fs.wait()
+    result = run_cli("stats", fs.path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"memcachefs: {fs.path}: the daemon is gone (stale mount; memcachefs umount it)"
+    ]
+    assert run_cli("umount", fs.path).returncode == 0

@@ -21,8 +21,9 @@ import xxhash
 
 from memcachefs import source as source_module
 from memcachefs.blockstore import BlockStore
+from memcachefs.control import STATS_XATTR
 from memcachefs.daemon import Service, build_service
-from memcachefs.fs import STATS_XATTR, Filesystem
+from memcachefs.fs import Filesystem
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.source import Source
