@@ -198,6 +198,7 @@ def _mount(args: argparse.Namespace) -> int:
     check_paths(config)
     if not args.foreground:
         return _spawn_background(config)
+    _lock(config.mountpoint)
     setup_logging(config)
     # Imported here so that `stats`/`umount` and input errors stay fast.
     import trio
@@ -210,6 +211,21 @@ def _mount(args: argparse.Namespace) -> int:
 
     trio.run(serve, config, ready)
     return EXIT_OK
+
+
+_held_locks: list[int] = []
+
+
+def _lock(mountpoint: Path) -> None:
+    """One daemon per mountpoint: hold its lock until this process ends."""
+    try:
+        _held_locks.append(mounts.lock_mountpoint(mountpoint))
+    except BlockingIOError:
+        raise ConfigError(f"another memcachefs is mounting {mountpoint}") from None
+    except OSError as error:
+        raise ConfigError(f"cannot lock the mountpoint {mountpoint}: {error.strerror}") from None
+    if mounts.find_mount(mountpoint) is not None:  # the other one finished first
+        raise ConfigError(f"{mountpoint} is already a mount point (unmount it first)")
 
 
 def _send_ready(fd: int, message: str) -> None:

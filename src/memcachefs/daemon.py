@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 UNMOUNT_POLL_S = 1.0
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -181,6 +182,7 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                         nursery.start_soon(_announce_ready, config, on_ready)
                         nursery.start_soon(_stop_on_signal, fs, config, peer_server, fuse_loop)
                         nursery.start_soon(_end_after_unmount, config, fuse_loop)
+                        nursery.start_soon(_ignore_other_signals)
                         await pyfuse3.main()
                     if fuse_loop.cancelled_caught:
                         log.warning("requests still in flight were abandoned (they get an error)")
@@ -294,6 +296,13 @@ async def _stop_on_signal(
                 # pyfuse3.main() waits for its handlers: end those stuck on the source.
                 fuse_loop.cancel()
             return
+
+
+async def _ignore_other_signals() -> None:
+    """SIGHUP and SIGUSR1/2 would kill the daemon and leave a dead mount: log and go on."""
+    with trio.open_signal_receiver(*IGNORED_SIGNALS) as signals:
+        async for signum in signals:
+            log.info("received %s: ignored (SIGTERM unmounts)", signal.Signals(signum).name)
 
 
 async def _end_after_unmount(config: MountConfig, fuse_loop: trio.CancelScope) -> None:

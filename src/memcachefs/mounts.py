@@ -7,6 +7,7 @@ a possibly dead mountpoint): call it from a worker thread inside the daemon.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -110,3 +111,20 @@ def set_read_ahead(device: str, read_ahead_kib: int) -> bool:
         )
         return False
     return True
+
+
+def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> int:
+    """Take the lock of a mountpoint for this process; BlockingIOError if another holds it.
+
+    The lock is a flock of the mountpoint directory itself, taken before mounting
+    over it: it lives exactly as long as the process (no file to clean up), and a
+    second daemon for the same mountpoint finds it taken. Returns the descriptor
+    holding it (keep it open).
+    """
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

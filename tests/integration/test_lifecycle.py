@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support import DEADLINE_S, in_thread, run_cli, wait_until
+from support import DEADLINE_S, MEMCACHEFS, in_thread, run_cli, wait_until
 
 from memcachefs import mounts
 
@@ -224,3 +224,40 @@ def _memcachefs() -> list[str]:
     from support import MEMCACHEFS
 
     return MEMCACHEFS
+
+
+def test_two_mounts_of_one_mountpoint_started_together_one_wins(tmp_path: Path, cli_mounts) -> None:
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "f").write_bytes(b"x")
+    for trial in range(3):
+        mountpoint = cli_mounts.track(tmp_path / f"mnt{trial}")
+        mountpoint.mkdir()
+        argv = [*MEMCACHEFS, "mount", str(source), str(mountpoint), "--capacity", "16M"]
+        racers = [
+            subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        results = []
+        for racer in racers:
+            _, err = racer.communicate(timeout=60)
+            results.append((racer.returncode, err))
+        codes = sorted(code for code, _ in results)
+        assert codes == [0, 2], results
+        refused = next(err for code, err in results if code == 2)
+        assert len(refused.splitlines()) == 1, refused
+        assert sum(e.mountpoint == str(mountpoint) for e in mounts.mount_entries()) == 1
+        assert run_cli("umount", mountpoint).returncode == 0
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])
+def test_other_signals_are_logged_and_ignored(
+    memcachefs_source: Path, memcachefs_mount, signum: int
+) -> None:
+    (memcachefs_source / "f").write_bytes(b"still here")
+    fs = memcachefs_mount(memcachefs_source, capacity="8M")
+    fs.signal(signum)
+    name = signal.Signals(signum).name
+    wait_until(lambda: f"received {name}: ignored" in fs.log_text(), "the log line")
+    assert (fs.path / "f").read_bytes() == b"still here"
+    assert fs.process.poll() is None
