@@ -105,11 +105,10 @@ class BlockStore:
         """
         if not 0 < length <= self.block_size_bytes:
             raise ValueError(f"bad block length {length}")
-        size = self.block_size_bytes if length == self.block_size_bytes else length
         while True:
-            if size == self.block_size_bytes and self._free:
+            if length == self.block_size_bytes and self._free:
                 break  # a spare buffer is already counted: no room needed
-            if self._total_bytes() + size <= self.capacity_bytes:
+            if self._total_bytes() + length <= self.capacity_bytes:
                 break
             if self._free:
                 self._free.pop()  # spares are full-size; this fill wants another size
@@ -117,7 +116,7 @@ class BlockStore:
                 self._lru.popitem()
             else:
                 return None
-        buffer = self._take_buffer(size)
+        buffer = self._take_buffer(length)
         self._reserved_bytes += len(buffer)
         return buffer
 
