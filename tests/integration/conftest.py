@@ -19,15 +19,7 @@ from support import (
 )
 
 from memcachefs import mounts
-from memcachefs.testing import fuse_available
-
-
-def _require_fuse() -> None:
-    reason = fuse_available()
-    if reason is not None:
-        if os.environ.get("MEMCACHEFS_REQUIRE_FUSE") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+from memcachefs.testing.plugin import require_fuse
 
 
 # -- a fault-injecting source ---------------------------------------------------------
@@ -53,7 +45,7 @@ class FaultSource:
 @pytest.fixture
 def fault_source(tmp_path: Path) -> Iterator[FaultSource]:
     """A source directory served by memcachefs.testing.faultfs (see its docstring)."""
-    _require_fuse()
+    require_fuse()
     backing = tmp_path / "backing"
     backing.mkdir()
     path = tmp_path / "faulty"
@@ -131,7 +123,7 @@ class CliMounts:
 
 @pytest.fixture
 def cli_mounts(tmp_path: Path) -> Iterator[CliMounts]:
-    _require_fuse()
+    require_fuse()
     tracked = CliMounts(tmp_path)
     try:
         yield tracked

@@ -8,7 +8,6 @@ something, and that the JSON, the markdown and the goals came out.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 import pytest
 
 from memcachefs import mounts
-from memcachefs.testing import fuse_available
+from memcachefs.testing.plugin import require_fuse
 
 pytestmark = [pytest.mark.fuse, pytest.mark.slow]
 
@@ -57,11 +56,7 @@ SUITE_SCENARIOS = {  # suite --smoke: everything but the alternatives (they need
 
 @pytest.fixture
 def fuse_required() -> None:
-    reason = fuse_available()
-    if reason is not None:
-        if os.environ.get("MEMCACHEFS_REQUIRE_FUSE") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    require_fuse()
 
 
 def _run(preset: str, tmp_path: Path) -> tuple[dict[str, Any], str, str]:

@@ -114,6 +114,7 @@ def test_closing_source_files_on_a_stalled_source_does_not_block_cached_reads(
     assert fs.unmount() == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["sigterm", "umount"])
 def test_shutdown_with_a_stalled_source_ends_within_the_grace_period(
     fault_source, memcachefs_mount, how: str

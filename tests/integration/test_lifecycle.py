@@ -226,6 +226,7 @@ def _memcachefs() -> list[str]:
     return MEMCACHEFS
 
 
+@pytest.mark.slow
 def test_two_mounts_of_one_mountpoint_started_together_one_wins(tmp_path: Path, cli_mounts) -> None:
     source = tmp_path / "source"
     source.mkdir()

@@ -83,10 +83,12 @@ def _run(command: list[str], cwd: Path) -> bytes:
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, check=True).stdout
 
 
-@pytest.fixture
-def mirrored(memcachefs_source: Path, memcachefs_mount):
-    _build_tree(memcachefs_source)
-    return memcachefs_mount(memcachefs_source, capacity="8M")
+@pytest.fixture(scope="module")
+def mirrored(memcachefs_module_mount, tmp_path_factory: pytest.TempPathFactory):
+    # One mount for every test that only reads the tree.
+    source = tmp_path_factory.mktemp("mirrored-source")
+    _build_tree(source)
+    return memcachefs_module_mount(source, capacity="8M")
 
 
 def test_every_entry_has_the_attributes_of_the_source(mirrored) -> None:

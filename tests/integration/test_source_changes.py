@@ -155,6 +155,7 @@ def test_truncated_file_never_mixes(setup) -> None:
     assert path.read_bytes() == OLD[: SIZE // 2]  # the new version: the truncated file
 
 
+@pytest.mark.slow
 def test_concurrent_rewrites_never_yield_a_mixed_read(
     memcachefs_source: Path, memcachefs_mount
 ) -> None:
@@ -223,6 +224,7 @@ def test_old_handle_never_reads_the_new_versions_pages(setup) -> None:
         os.close(old_fd)
 
 
+@pytest.mark.slow
 def test_opens_of_a_file_replaced_every_few_milliseconds_never_fail(
     memcachefs_source: Path, memcachefs_mount
 ) -> None:

@@ -45,14 +45,18 @@ def memcachefs_source(tmp_path: Path) -> Path:
     return source
 
 
-@pytest.fixture
-def memcachefs_mount(tmp_path: Path) -> Iterator[MountFactory]:
-    """A factory: `memcachefs_mount(source, capacity=..., args=[...])` -> MountedFS."""
+def require_fuse() -> None:
+    """Skip the calling test without a usable /dev/fuse; fail it with MEMCACHEFS_REQUIRE_FUSE=1."""
     reason = fuse_available()
     if reason is not None:
         if os.environ.get("MEMCACHEFS_REQUIRE_FUSE") == "1":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+def _mounts(base: Path) -> Iterator[MountFactory]:
+    """A factory of mounts below `base`, all unmounted at the end; fails on logged problems."""
+    require_fuse()
     mounted: list[MountedFS] = []
 
     def factory(
@@ -63,17 +67,11 @@ def memcachefs_mount(tmp_path: Path) -> Iterator[MountFactory]:
         expected_log: Sequence[str] = (),
     ) -> MountedFS:
         if source is None:
-            source = tmp_path / "source"
+            source = base / "source"
             source.mkdir(exist_ok=True)
-        mountpoint = tmp_path / f"mnt{len(mounted)}"
+        mountpoint = base / f"mnt{len(mounted)}"
         mountpoint.mkdir()
-        fs = mount(
-            source,
-            mountpoint,
-            capacity=capacity,
-            args=args,
-            expected_log=expected_log,
-        )
+        fs = mount(source, mountpoint, capacity=capacity, args=args, expected_log=expected_log)
         mounted.append(fs)
         return fs
 
@@ -84,3 +82,15 @@ def memcachefs_mount(tmp_path: Path) -> Iterator[MountFactory]:
         problems += [f"{fs.path}: {line}" for line in fs.problems()]
     if problems:
         pytest.fail("the daemon logged problems:\n" + "\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def memcachefs_mount(tmp_path: Path) -> Iterator[MountFactory]:
+    """A factory: `memcachefs_mount(source, capacity=..., args=[...])` -> MountedFS."""
+    yield from _mounts(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def memcachefs_module_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MountFactory]:
+    """The same factory for mounts that every test of a module shares (read-only tests)."""
+    yield from _mounts(tmp_path_factory.mktemp("memcachefs"))
