@@ -34,7 +34,7 @@ class Block:
     key, so a holder must not serve them (it fills the block again instead).
     """
 
-    __slots__ = ("buffer", "checksum", "length", "pins", "recycled")
+    __slots__ = ("buffer", "checksum", "length", "pins", "recycled", "unread")
 
     def __init__(self, buffer: Buffer, length: int, checksum: int) -> None:
         self.buffer = buffer
@@ -42,6 +42,7 @@ class Block:
         self.checksum = checksum
         self.pins = 0
         self.recycled = False
+        self.unread = False  # filled ahead of a reader that has not read it yet
 
     @property
     def view(self) -> memoryview:
@@ -58,6 +59,9 @@ class StoreStatistics:
     evictions: int = counter("blocks evicted")
     buffers_allocated: int = counter("block buffers allocated")
     buffers_reused: int = counter("block buffers reused after an eviction")
+    readahead_evicted_unread: int = counter(
+        "blocks filled ahead of a reader and evicted before it read them"
+    )
 
 
 class _EvictingLRU(LRUCache[BlockKey, Block]):
@@ -167,6 +171,8 @@ class BlockStore:
 
     def _retire(self, block: Block) -> None:
         self.counters.evictions += 1
+        if block.unread:
+            self.counters.readahead_evicted_unread += 1
         if block.pins == 0:
             block.recycled = self._recycle(block.buffer)
 

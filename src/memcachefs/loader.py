@@ -39,8 +39,12 @@ class LoaderStatistics:
     source_bytes: int = counter("bytes read from the source")
     peer_bytes: int = counter("bytes received from peers (verified)")
     peer_hits: int = counter("blocks received from peers (verified)")
+    fills: int = counter("blocks filled (from peers or the source)")
     readahead_fills: int = counter("fills started by readahead")
     fills_in_flight: int = gauge("fills running now")
+    readahead_window_blocks: int = gauge(
+        "blocks readahead fetches ahead of a reader now (shrinks under memory pressure)"
+    )
     deduplicated_fills: int = counter(
         "readers and peers that shared a fill already in flight instead of reading again"
     )
@@ -62,9 +66,15 @@ class Loader:
         self._peers = peers
         self._flight: SingleFlight[BlockKey, Block] = SingleFlight(nursery)
         # Readahead must not evict what readers are about to use: keep it to a
-        # fraction of the capacity.
+        # fraction of the capacity, and shrink it while its blocks are evicted
+        # before they are read (memory pressure); it grows back, one block at a
+        # time, as readers use what it fetched.
         capacity_blocks = store.capacity_bytes // store.block_size_bytes
         self._read_ahead_blocks = min(read_ahead_blocks, max(0, capacity_blocks // 4))
+        self._window = self._read_ahead_blocks
+        self._capacity_blocks = capacity_blocks
+        self._evicted_unread_seen = 0
+        self._fills_at_last_change = 0
         self._space_freed = trio.Event()
         self._readahead_in_flight = 0
         self.counters = LoaderStatistics()
@@ -85,10 +95,13 @@ class Loader:
         if block is not None:
             self.counters.hits += 1
             self.counters.memory_bytes += wanted_bytes
+            block.unread = False  # read: not a readahead block evicted unread
             return block
         self.counters.misses += 1
         try:
-            return await self._filled(key, ask_peers=True)
+            block = await self._filled(key, ask_peers=True)
+            block.unread = False  # read: not a readahead block evicted unread
+            return block
         except ReadError:
             raise
         except OSError as error:
@@ -111,7 +124,8 @@ class Loader:
 
     def read_ahead(self, version: FileVersion, after_index: int) -> None:
         """Start fills for the blocks after `after_index` (sequential reader)."""
-        last = min(after_index + self._read_ahead_blocks, version.block_count(self.block_size) - 1)
+        self._adapt_window()
+        last = min(after_index + self._window, version.block_count(self.block_size) - 1)
         for index in range(after_index + 1, last + 1):
             if self._readahead_in_flight >= self._read_ahead_blocks:
                 return
@@ -122,11 +136,29 @@ class Loader:
             self.counters.readahead_fills += 1
             self._flight.start(key, functools.partial(self._readahead_fill, key))
 
+    def _adapt_window(self) -> None:
+        """Halve the readahead window when its blocks were evicted unread; after a
+        capacity's worth of fills without that, let it grow by one block."""
+        evicted_unread = self.store.counters.readahead_evicted_unread
+        if evicted_unread > self._evicted_unread_seen:
+            self._evicted_unread_seen = evicted_unread
+            self._window //= 2
+            self._fills_at_last_change = self.counters.fills
+        elif (
+            self._window < self._read_ahead_blocks
+            and self.counters.fills - self._fills_at_last_change >= self._capacity_blocks
+        ):
+            self._window += 1
+            self._fills_at_last_change = self.counters.fills
+
     async def _readahead_fill(self, key: BlockKey) -> Block:
         try:
-            return await self._fill(key)
+            block = await self._fill(key)
         finally:
             self._readahead_in_flight -= 1
+        if self.store.get(key) is block:  # stored by this fill, not by a reader's
+            block.unread = True
+        return block
 
     async def _fill(self, key: BlockKey, *, ask_peers: bool = True) -> Block:
         block = self.store.get(key)  # filled while this fill waited to start
@@ -154,6 +186,7 @@ class Loader:
             self._wake_reservers()
             raise
         block = self.store.put(key, buffer, length, checksum)
+        self.counters.fills += 1
         self._wake_reservers()
         return block
 
@@ -169,5 +202,8 @@ class Loader:
     def statistics(self) -> LoaderStatistics:
         flight = self._flight.statistics()
         return replace(
-            self.counters, fills_in_flight=flight.in_flight, deduplicated_fills=flight.joined
+            self.counters,
+            fills_in_flight=flight.in_flight,
+            deduplicated_fills=flight.joined,
+            readahead_window_blocks=self._window,
         )

@@ -285,3 +285,39 @@ async def test_block_never_returns_a_recycled_block_under_pressure(fake, files) 
             for _ in range(8):
                 readers.start_soon(reader, [rng.randrange(20) for _ in range(40)])
     assert recycled == []
+
+
+async def test_readahead_under_memory_pressure_does_not_amplify_source_reads(
+    fake_source_cls, make_payload
+) -> None:
+    # 8 sequential readers of 64-block files through a 16-block store: their
+    # readahead alone could fill the store, evicting blocks before they are read.
+    files = {f"f{i}".encode(): make_payload(64 * BS, seed=i) for i in range(8)}
+    fake = fake_source_cls(files)
+    store = BlockStore(16 * BS, BS)
+    delivered = 0
+
+    async def reader(name: bytes, loader: Loader) -> None:
+        nonlocal delivered
+        version = fake.version(name)
+        pace = random.Random(name)
+        for index in range(64):
+            loader.read_ahead(version, index)  # as handles.py does for a sequential reader
+            for part in range(4):  # the kernel reads a block in several requests
+                block = await loader.block(BlockKey(version, index), BS // 4)
+                start = part * BS // 4
+                chunk = bytes(block.view[start : start + BS // 4])
+                assert chunk == files[name][index * BS + start :][: BS // 4]
+                delivered += len(chunk)
+                for _ in range(pace.randrange(1, 6)):
+                    await trio.lowlevel.checkpoint()  # readers at uneven speeds
+
+    async with trio.open_nursery() as nursery:
+        loader = Loader(store, fake, nursery, read_ahead_blocks=4)
+        async with trio.open_nursery() as readers:
+            for name in files:
+                readers.start_soon(reader, name, loader)
+        nursery.cancel_scope.cancel()
+    source_bytes = len(fake.reads) * BS
+    assert delivered == 8 * 64 * BS
+    assert source_bytes / delivered <= 1.5
