@@ -15,6 +15,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from memcachefs.errors import ConfigError
+from memcachefs.keys import MAX_BLOCK_BYTES, MIN_BLOCK_BYTES
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -72,7 +73,7 @@ class CacheConfig(BaseModel):
     model_config = _Frozen
 
     capacity_bytes: Annotated[int, Field(gt=0)]
-    block_size_bytes: Annotated[int, Field(ge=64 * KiB, le=256 * MiB)] = 4 * MiB
+    block_size_bytes: Annotated[int, Field(ge=MIN_BLOCK_BYTES, le=MAX_BLOCK_BYTES)] = 4 * MiB
     read_ahead_blocks: Annotated[int, Field(ge=0, le=256)] = 4
     source_threads: Annotated[int, Field(ge=1, le=256)] = 8
     metadata_threads: Annotated[int, Field(ge=1, le=256)] = 8

@@ -39,16 +39,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from memcachefs.errors import PeerError
-from memcachefs.keys import BlockKey, FileVersion
-from memcachefs.source import MAX_PATH_BYTES
+from memcachefs.keys import MAX_BLOCK_BYTES, MAX_PATH_BYTES, MIN_BLOCK_BYTES, BlockKey, FileVersion
 
 PROTOCOL_VERSION = 1
 REQUEST_MAGIC = b"MCFQ"
 RESPONSE_MAGIC = b"MCFR"
 MAC_BYTES = 32
 NONCE_BYTES = 16
-MIN_BLOCK_BYTES = 64 * 1024
-MAX_BLOCK_BYTES = 256 * 1024 * 1024
 REPLAY_WINDOW_S = 30.0
 MAX_REMEMBERED_NONCES = 1_000_000
 

@@ -23,12 +23,11 @@ import trio
 import xxhash
 
 from memcachefs.errors import MemcachefsError, SourceError, StaleVersion
-from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.keys import MAX_PATH_BYTES, BlockKey, FileVersion
 
 T = TypeVar("T")
 
 MAX_NAME_BYTES = 255
-MAX_PATH_BYTES = 4096
 _IDLE_DESCRIPTORS = 64
 
 

@@ -369,7 +369,7 @@ async def test_a_peer_is_asked_again_after_its_backoff(root: Path) -> None:
 
 def owned_by(member: str, members: list[str], keys: list[BlockKey]) -> list[BlockKey]:
     ring = HashRing(members)
-    return [key for key in keys if ring.owner(key) == member]
+    return [key for key in keys if ring.ranked(key)[0] == member]
 
 
 async def fetch_all(
@@ -391,7 +391,7 @@ async def fetch_all(
 def a_peer(client: PeerClient, member: str) -> Any:
     choice = client.choose(BlockKey(FileVersion(b"f", BS, 1), 0))
     assert choice is not None
-    peer = client._peers[member]
+    peer = client._router.peers[member]
     peer.in_flight = 1  # as if it were busy: any known holder is less loaded
     return peer
 
@@ -460,7 +460,7 @@ async def test_a_holder_that_misses_is_followed_by_the_owner(root: Path) -> None
         assert client.statistics().peer_holder_fetches == 1  # B not asked again
         # ...only after a hit from its memory.
         assert client.holder_for(own_a[4], a_peer(client, members[0])) is None
-        client._remember(file_version, members[1], hit=True, memory_only=True)
+        client._router.remember(file_version, members[1], hit=True, memory_only=True)
         assert client.holder_for(own_a[4], a_peer(client, members[0])) is not None
         client.close()
 
