@@ -586,14 +586,24 @@ class Suite:
         if not any(s.group == "cluster" for s in self.scenarios.values()):
             return
         port_a = free_port()
-        holder = self.mount("peer-a", ["--listen", f"127.0.0.1:{port_a}"])
+        secret = self.work / "cluster-secret"  # every listener needs one
+        secret.write_text("benchmark cluster secret\n")
+        secret.chmod(0o600)
+        auth = ["--cluster-secret-file", str(secret)]
+        holder = self.mount("peer-a", ["--listen", f"127.0.0.1:{port_a}", *auth])
         try:
             self.log("remote hit: instance A reads the file once (from the source)")
             read_file(holder.path / DATA, self.args.buffer)
             for rep in range(self.args.repeat):
                 b = self.mount(
                     f"peer-b-{rep}",
-                    ["--listen", f"127.0.0.1:{free_port()}", "--peer", f"127.0.0.1:{port_a}"],
+                    [
+                        "--listen",
+                        f"127.0.0.1:{free_port()}",
+                        "--peer",
+                        f"127.0.0.1:{port_a}",
+                        *auth,
+                    ],
                 )
                 try:
                     self.measure(
@@ -614,7 +624,9 @@ class Suite:
                 for i, port in enumerate(ports):
                     peers = [a for p in ports if p != port for a in ("--peer", f"127.0.0.1:{p}")]
                     group.append(
-                        self.mount(f"trio-{rep}-{i}", ["--listen", f"127.0.0.1:{port}", *peers])
+                        self.mount(
+                            f"trio-{rep}-{i}", ["--listen", f"127.0.0.1:{port}", *peers, *auth]
+                        )
                     )
                 self.measure(
                     "memcachefs_cold_3_instances",

@@ -125,8 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument(
         "--listen",
         metavar="HOST:PORT",
-        help="serve blocks to peers on this address (a non-loopback address needs "
-        "--cluster-secret-file)",
+        help="serve blocks to peers on this address (needs --cluster-secret-file)",
     )
     cluster.add_argument(
         "--peer",

@@ -7,7 +7,6 @@ suffixes are 1024-based: ``4M`` is 4 MiB = 4194304 bytes. An optional trailing
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated
@@ -56,16 +55,6 @@ def parse_host_port(text: str, what: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` names only a loopback address (``localhost``, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 _Frozen = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -109,14 +98,14 @@ class ClusterConfig(BaseModel):
         return bool(self.listen or self.peers or self.peers_dns or self.peers_file)
 
     @model_validator(mode="after")
-    def _non_loopback_needs_a_secret(self) -> ClusterConfig:
-        if self.listen is not None and not self.secret and not is_loopback_host(self.listen[0]):
-            raise ValueError(
-                f"--listen {self.listen[0]}:{self.listen[1]}: a non-loopback address needs "
-                "--cluster-secret-file (peers must authenticate)"
-            )
+    def _listener_needs_a_secret(self) -> ClusterConfig:
         if self.listen is not None and self.listen[1] == 0:
             raise ValueError("the peer port must be 1-65535 (others must know it)")
+        if self.listen is not None and not self.secret:
+            raise ValueError(
+                f"--listen {self.listen[0]}:{self.listen[1]} needs --cluster-secret-file "
+                "(peers must authenticate, on loopback too)"
+            )
         if self.secret is not None and not self.secret:
             raise ValueError("the cluster secret is empty")
         return self

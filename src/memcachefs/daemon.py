@@ -173,9 +173,8 @@ async def _start_cluster(
         await nursery.start(server.run)
         components.append(("peer_server", server))
         log.info(
-            "serving peers on %s (%s)",
+            "serving peers on %s (authenticated)",
             ", ".join(f"{host}:{port}" for host, port in server.addresses),
-            "authenticated" if cluster.secret else "loopback, no secret",
         )
     return server, client
 

@@ -24,9 +24,9 @@ memory (no fill from its source).
 Every length is checked against a fixed maximum before anything is allocated.
 A request whose MAC does not verify, whose timestamp is outside the replay
 window, or whose nonce was seen within the window gets no answer at all: the
-server closes the connection. Without a cluster secret (allowed only for
-loopback listeners) the MAC is computed under an empty key: the format is the
-same, and it protects nothing.
+server closes the connection. Every listener has a cluster secret (config.py
+refuses one without); a client configured without one computes the MAC under
+an empty key, and no server accepts it.
 """
 
 from __future__ import annotations

@@ -33,6 +33,22 @@ def addr(port: int) -> str:
 
 
 @pytest.fixture
+def memcachefs_mount(memcachefs_mount, tmp_path: Path):
+    """Every instance shares one cluster secret (a listener needs one), unless given its own."""
+    secret = tmp_path / "cluster-secret"
+    secret.write_text("the cluster secret\n")
+    secret.chmod(0o600)
+
+    def factory(source: Path, *, args=(), **options):
+        args = list(args)
+        if "--cluster-secret-file" not in args:
+            args += ["--cluster-secret-file", str(secret)]
+        return memcachefs_mount(source, args=args, **options)
+
+    return factory
+
+
+@pytest.fixture
 def source(memcachefs_source: Path) -> Path:
     (memcachefs_source / "model.bin").write_bytes(random.Random(7).randbytes(SIZE))
     return memcachefs_source

@@ -36,6 +36,7 @@ CASES = [
     ("peers-dns-no-port", ["--peers-dns", "svc.local"], ["--peers-dns"]),
     ("peers-file-missing", ["--peers-file", "/nonexistent/peers"], ["--peers-file"]),
     ("non-loopback-without-secret", ["--listen", "0.0.0.0:7000"], ["--cluster-secret-file"]),
+    ("loopback-without-secret", ["--listen", "127.0.0.1:7000"], ["--cluster-secret-file"]),
     ("secret-missing", ["--cluster-secret-file", "/nonexistent/secret"], ["secret"]),
     ("peer-timeout-zero", ["--peer", "127.0.0.1:7000", "--peer-timeout", "0"], ["--peer-timeout"]),
 ]
@@ -71,14 +72,23 @@ def test_bad_secret_files(dirs, tmp_path: Path, text: str, mode: int, word: str)
     _assert_refused(result, "--cluster-secret-file", word)
 
 
-def test_a_busy_peer_port_is_one_line_and_nothing_is_mounted(dirs) -> None:
+def test_a_busy_peer_port_is_one_line_and_nothing_is_mounted(dirs, tmp_path: Path) -> None:
     source, mountpoint = dirs
+    path = secret_file(tmp_path, "s3cret\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         result = run_cli(
-            "mount", source, mountpoint, "--capacity", "64M", "--listen", f"127.0.0.1:{port}"
+            "mount",
+            source,
+            mountpoint,
+            "--capacity",
+            "64M",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--cluster-secret-file",
+            path,
         )
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr

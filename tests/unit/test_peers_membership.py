@@ -27,7 +27,9 @@ class FakeDNS:
 
 async def test_static_peers_and_self_by_listen_address() -> None:
     config = ClusterConfig(
-        listen=("127.0.0.1", 7001), peers=(("127.0.0.1", 7001), ("127.0.0.2", 7002))
+        listen=("127.0.0.1", 7001),
+        peers=(("127.0.0.1", 7001), ("127.0.0.2", 7002)),
+        secret=b"s",
     )
     membership = Membership(config, resolver=FakeDNS())
     await membership.refresh()
@@ -81,8 +83,9 @@ def test_bad_peers_file_line_names_the_line(tmp_path: Path) -> None:
         read_peers_file(path)
 
 
-def test_non_loopback_listener_needs_a_secret() -> None:
-    with pytest.raises(ValueError, match="cluster-secret-file"):
-        ClusterConfig(listen=("0.0.0.0", 7000))
-    ClusterConfig(listen=("127.0.0.1", 7000))
-    ClusterConfig(listen=("0.0.0.0", 7000), secret=b"s")
+def test_every_listener_needs_a_secret() -> None:
+    for host in ("0.0.0.0", "127.0.0.1", "localhost", "::1"):
+        with pytest.raises(ValueError, match="cluster-secret-file"):
+            ClusterConfig(listen=(host, 7000))
+        ClusterConfig(listen=(host, 7000), secret=b"s")
+    ClusterConfig(peers=(("127.0.0.1", 7000),))  # a client alone needs none
