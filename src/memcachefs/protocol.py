@@ -18,6 +18,10 @@ Response (server -> client)::
     path     path_len bytes (the key the payload belongs to)
     payload  payload_len bytes (only when status is HIT)
 
+Statuses: HIT, MISS (not here, or another version of the file), ERROR (the
+server could not produce the block), BLOCK_SIZE (the server uses another
+block size: no block of this client's can come from it).
+
 The request flag MEMORY_ONLY asks for a block only if the peer holds it in
 memory (no fill from its source).
 
@@ -52,8 +56,8 @@ MAX_REMEMBERED_NONCES = 1_000_000
 FLAG_MEMORY_ONLY = 0x01
 _KNOWN_FLAGS = FLAG_MEMORY_ONLY
 
-HIT, MISS, ERROR = 0, 1, 2
-_STATUSES = (HIT, MISS, ERROR)
+HIT, MISS, ERROR, BLOCK_SIZE = 0, 1, 2, 3  # BLOCK_SIZE: the server uses another block size
+_STATUSES = (HIT, MISS, ERROR, BLOCK_SIZE)
 
 _REQUEST = struct.Struct("!4sBBHIQqQQ16s")
 _RESPONSE = struct.Struct("!4sBBHQqQ16sIQ")

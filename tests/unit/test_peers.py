@@ -146,14 +146,14 @@ async def test_memory_only_requests_never_fill(root: Path) -> None:
         assert response.status == protocol.HIT and len(payload) == BS
 
 
-async def test_another_version_is_a_miss_and_a_bad_block_size_an_error(root: Path) -> None:
+async def test_another_version_is_a_miss_and_a_bad_block_size_said_so(root: Path) -> None:
     async with serving(root) as served:
         current = version(root, b"model.bin")
         older = FileVersion(current.relpath, current.size, current.mtime_ns - 1)
         response, _, payload = await ask(served.port, request(BlockKey(older, 0)))
         assert (response.status, payload) == (protocol.MISS, b"")
         wire = request(BlockKey(current, 0), block_size=2 * BS)
-        assert (await ask(served.port, wire))[0].status == protocol.ERROR
+        assert (await ask(served.port, wire))[0].status == protocol.BLOCK_SIZE
         beyond = BlockKey(current, 6)
         assert (await ask(served.port, request(beyond)))[0].status == protocol.ERROR
 
@@ -306,6 +306,37 @@ async def test_a_refused_peer_is_marked_down_and_not_retried_at_once() -> None:
     assert await client.fetch_into(key, buffer) is None  # down: not asked again
     stats = client.statistics()
     assert (stats.peer_errors_refused, stats.peer_fetches, stats.peers_down) == (1, 1, 1)
+
+
+async def test_a_peer_with_another_block_size_is_logged_once_and_backed_off(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(root) as served:
+        peers = (("127.0.0.1", served.port),)
+        membership = Membership(ClusterConfig(peers=peers, secret=SECRET))
+        await membership.refresh()
+        client = PeerClient(membership, block_size=2 * BS, secret=SECRET, timeout_s=5)
+        file_version = version(root, b"many.bin")
+        keys = [BlockKey(file_version, i) for i in range(4)]
+
+        async def fetch(key: BlockKey) -> None:
+            assert await client.fetch_into(key, memoryview(bytearray(2 * BS))) is None
+
+        async with trio.open_nursery() as nursery:  # a reader and its readahead
+            for key in keys:
+                nursery.start_soon(fetch, key)
+        for key in keys:  # in backoff: not asked
+            await fetch(key)
+        stats = client.statistics()
+        assert stats.peers_down == 1
+        assert stats.peer_errors_block_size == stats.peer_fetches <= len(keys)
+        await trio.sleep(0.6)  # past the first backoff: probed once more, still refused
+        await fetch(keys[0])
+        assert client.statistics().peer_errors_block_size == stats.peer_fetches + 1
+        warnings = [r for r in caplog.records if "block-size" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert served.server.statistics().blocks_served_to_peers == 0
+        client.close()
 
 
 async def test_a_wrong_secret_is_counted_as_auth(root: Path) -> None:

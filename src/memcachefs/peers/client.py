@@ -21,6 +21,7 @@ from memcachefs import protocol
 from memcachefs.errors import PeerError
 from memcachefs.keys import BlockKey
 from memcachefs.membership import Membership
+from memcachefs.peers.health import BACKOFF_MAX_S
 from memcachefs.peers.pool import Unanswered, exchange
 from memcachefs.peers.routing import Peer, Router
 from memcachefs.protocol import Request
@@ -28,7 +29,17 @@ from memcachefs.protocol import Request
 log = logging.getLogger(__name__)
 
 PEER_THREADS = 8  # worker threads receiving large payloads
-ERROR_KINDS = ("timeout", "refused", "closed", "auth", "checksum", "version", "protocol", "remote")
+ERROR_KINDS = (
+    "timeout",
+    "refused",
+    "closed",
+    "auth",
+    "checksum",
+    "version",
+    "protocol",
+    "remote",
+    "block_size",
+)
 
 
 @dataclass(frozen=True)
@@ -43,6 +54,7 @@ class PeerClientStatistics:
     peer_errors_version: int
     peer_errors_protocol: int
     peer_errors_remote: int  # the peer answered that it could not produce the block
+    peer_errors_block_size: int  # the peer uses another --block-size (it is backed off)
     peer_holder_fetches: int  # requests to a known holder instead of the owner (memory only)
     peer_holder_hits: int  # blocks a known holder served
     peers_down: int
@@ -68,6 +80,7 @@ class PeerClient:
         self._holder_fetches = 0
         self._holder_hits = 0
         self._connections_opened = 0
+        self._other_block_size: set[str] = set()  # members told of, to log each once
         self._limiter = trio.CapacityLimiter(PEER_THREADS)
 
     def choose(self, key: BlockKey) -> tuple[Peer, bool] | None:
@@ -166,7 +179,17 @@ class PeerClient:
         if not peer.health.failed(trio.current_time()):
             return  # already down: concurrent failures do not stretch the backoff
         peer.pool.close_idle()
-        if peer.health.failures == 1:
+        if error.kind == "block_size":
+            if peer.member not in self._other_block_size:
+                self._other_block_size.add(peer.member)
+                log.warning(
+                    "peer %s uses another --block-size than this instance's %d bytes; "
+                    "it is asked only after a backoff (up to %gs)",
+                    peer.member,
+                    self._block_size,
+                    BACKOFF_MAX_S,
+                )
+        elif peer.health.failures == 1:
             log.info("peer %s marked down (%s: %s)", peer.member, error.kind, error)
 
     def close(self) -> None:
@@ -186,6 +209,7 @@ class PeerClient:
             peer_errors_version=errors["version"],
             peer_errors_protocol=errors["protocol"],
             peer_errors_remote=errors["remote"],
+            peer_errors_block_size=errors["block_size"],
             peer_holder_fetches=self._holder_fetches,
             peer_holder_hits=self._holder_hits,
             peers_down=sum(peer.is_down(now) for peer in self._router.peers.values()),

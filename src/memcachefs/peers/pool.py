@@ -17,7 +17,14 @@ from memcachefs.errors import PeerError
 from memcachefs.keys import BlockKey
 from memcachefs.membership import split_member_id
 from memcachefs.peers.wire import Closed, receive_exactly, receive_in_thread
-from memcachefs.protocol import ERROR, MISS, RESPONSE_HEADER_BYTES, ProtocolError, Request
+from memcachefs.protocol import (
+    BLOCK_SIZE,
+    ERROR,
+    MISS,
+    RESPONSE_HEADER_BYTES,
+    ProtocolError,
+    Request,
+)
 
 MAX_IDLE_CONNECTIONS_PER_PEER = 8
 THREADED_PAYLOAD_BYTES = 256 * 1024  # larger payloads are received in a worker thread
@@ -101,6 +108,8 @@ async def exchange(
         return None
     if response.status == ERROR:
         raise PeerError("the peer could not produce the block", kind="remote")
+    if response.status == BLOCK_SIZE:
+        raise PeerError("the peer uses another --block-size", kind="block_size")
     if response.payload_len != len(buffer):
         raise ProtocolError("payload length differs from the block length")
     remaining_s = min(timeout_s, trio.current_effective_deadline() - trio.current_time())

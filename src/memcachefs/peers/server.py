@@ -26,6 +26,7 @@ from memcachefs.errors import ReadError, StaleVersion
 from memcachefs.loader import Loader
 from memcachefs.peers.wire import Closed, receive_exactly
 from memcachefs.protocol import (
+    BLOCK_SIZE,
     ERROR,
     HIT,
     MISS,
@@ -196,7 +197,7 @@ class PeerServer:
         version = key.version
         if request.block_size != self._block_size:
             self._refused += 1
-            return ERROR, None
+            return BLOCK_SIZE, None
         try:
             validate_relpath(version.relpath)
         except PathRejected:

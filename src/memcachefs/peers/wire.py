@@ -51,6 +51,7 @@ async def receive_exactly(sock: trio.socket.SocketType, view: memoryview) -> Non
     await trio.lowlevel.checkpoint_if_cancelled()
     for _ in _receive_steps(sock.fileno(), view):
         await trio.lowlevel.wait_readable(sock)
+    await trio.lowlevel.cancel_shielded_checkpoint()  # a schedule point, as trio's recv
 
 
 def receive_in_thread(fd: int, view: memoryview, timeout_s: float) -> int:
