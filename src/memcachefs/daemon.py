@@ -27,6 +27,7 @@ from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import HasStatistics, StatisticsSnapshot
 from memcachefs.peers import PeerClient, PeerServer
+from memcachefs.peers.server import raise_descriptor_limit
 from memcachefs.source import Source
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,7 @@ async def _start_cluster(
     components += [("membership", membership), ("peers", client)]
     server = None
     if listeners:
+        raise_descriptor_limit()  # the connection bound is taken from it
         server = PeerServer(loader, listeners, secret=secret, timeout_s=cluster.peer_timeout_s)
         await nursery.start(server.run)
         components.append(("peer_server", server))

@@ -23,6 +23,7 @@ from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.peers import PeerClient, PeerServer
+from memcachefs.peers import server as peer_server
 from memcachefs.protocol import RESPONSE_HEADER_BYTES, Request
 from memcachefs.source import Source, version_of
 from memcachefs.testing.faultproxy import FaultProxy
@@ -237,6 +238,65 @@ async def test_drain_finishes_answers_and_takes_no_more(root: Path) -> None:
             assert await idle_connection.receive_some(10) == b""  # idle: closed
         with pytest.raises(OSError):
             await ask(served.port, request(key))
+
+
+# -- connection bounds -------------------------------------------------------------
+
+
+async def test_idle_connections_at_the_bound_make_room_for_a_peer(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(peer_server, "MAX_CONNECTIONS", 8)
+    async with serving(root) as served:
+        idle = [await trio.open_tcp_stream("127.0.0.1", served.port) for _ in range(30)]
+        garbage = [await trio.open_tcp_stream("127.0.0.1", served.port) for _ in range(10)]
+        for stream in garbage:
+            await stream.send_all(os.urandom(protocol.REQUEST_HEADER_BYTES))
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        key = BlockKey(version(root, b"model.bin"), 1)
+        assert await client.fetch_into(key, memoryview(bytearray(BS))) is not None
+        stats = served.server.statistics()
+        assert stats.peer_connections <= 8
+        assert stats.peer_connections_displaced >= 30 - 8
+        assert stats.peer_connections_rejected == 0
+        warnings = [r for r in caplog.records if "peer connections" in r.getMessage()]
+        assert len(warnings) == 1  # rate-limited
+        for stream in idle + garbage:
+            await stream.aclose()
+        client.close()
+
+
+async def test_authenticated_connections_are_not_displaced(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_server, "MAX_CONNECTIONS", 1)
+    async with serving(root) as served:
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        key = BlockKey(version(root, b"model.bin"), 1)
+        buffer = memoryview(bytearray(BS))
+        assert await client.fetch_into(key, buffer) is not None  # kept alive in the pool
+        assert await closed_without_a_word(served.port, b"")
+        assert served.server.statistics().peer_connections_rejected == 1
+        assert await client.fetch_into(key, buffer) is not None  # the kept-alive one serves
+        client.close()
+
+
+async def test_a_connection_without_a_request_is_closed_after_the_first_deadline(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_server, "FIRST_REQUEST_S", 0.2)
+    async with serving(root) as served:
+        async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
+            with trio.fail_after(5):
+                assert await stream.receive_some(10) == b""
+        # Once authenticated, only the idle deadline applies.
+        key = BlockKey(version(root, b"model.bin"), 0)
+        async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
+            await stream.send_all(request(key))
+            assert (await answer(stream))[0].status == protocol.HIT
+            await trio.sleep(0.5)
+            await stream.send_all(request(key))
+            assert (await answer(stream))[0].status == protocol.HIT
 
 
 # -- client ------------------------------------------------------------------------

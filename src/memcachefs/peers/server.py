@@ -9,11 +9,24 @@ sent. Connections are accepted by `trio.serve_listeners` (which backs off on
 EMFILE, ENFILE, ENOMEM) and it alone closes the listeners. On `drain()` the
 server stops accepting connections and requests, closes idle connections and
 waits for the answers in flight.
+
+The peer port cannot starve the mount: connections are bounded (at most
+MAX_CONNECTIONS, and never more than the descriptor limit less
+RESERVED_DESCRIPTORS, kept for FUSE, the source and this instance's own peer
+connections); a new connection must bring an authenticated request within
+FIRST_REQUEST_S. At the bound, a new connection displaces the oldest one not
+yet authenticated (so a flood of idle connections cannot lock a peer out), or
+is closed if every connection has authenticated. Warnings about it (and
+trio's about accept failing for lack of descriptors) are logged at most once
+every WARNING_INTERVAL_S.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import resource
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +53,43 @@ from memcachefs.source import PathRejected, validate_relpath
 log = logging.getLogger(__name__)
 
 IDLE_CONNECTION_S = 60.0  # the server closes kept-alive connections idle this long
+FIRST_REQUEST_S = 5.0  # a new connection's first authenticated request must come within this
+MAX_CONNECTIONS = 1024  # peer connections served at once
+RESERVED_DESCRIPTORS = 512  # kept free for FUSE, the source and outgoing peer connections
+WARNING_INTERVAL_S = 60.0  # at most one warning about the connection bound this often
+
+
+def raise_descriptor_limit() -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_limit(descriptor_limit: int) -> int:
+    """Peer connections served at once under a descriptor limit."""
+    return max(1, min(MAX_CONNECTIONS, descriptor_limit - RESERVED_DESCRIPTORS))
+
+
+class _RateLimit(logging.Filter):
+    """Lets one record through every `interval_s` (trio's accept-failure errors)."""
+
+    def __init__(self, interval_s: float) -> None:
+        super().__init__()
+        self._interval_s = interval_s
+        self._next = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now < self._next:
+            return False
+        self._next = now + self._interval_s
+        return True
 
 
 @dataclass(frozen=True)
@@ -53,6 +103,8 @@ class PeerServerStatistics:
     peer_protocol_errors: int  # malformed requests: connection closed
     peer_connections: int
     peer_requests_in_flight: int
+    peer_connections_displaced: int  # unauthenticated connections closed for a newer one
+    peer_connections_rejected: int  # closed at once: the bound was reached, all authenticated
 
 
 class PeerServer:
@@ -84,6 +136,12 @@ class PeerServer:
         self._protocol_errors = 0
         self._connections = 0
         self._in_flight = 0
+        self._max_connections = connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        # Connections not authenticated yet, oldest first: their scopes (FIRST_REQUEST_S).
+        self._unauthenticated: dict[trio.CancelScope, None] = {}
+        self._displaced = 0
+        self._rejected = 0
+        self._next_warning = 0.0
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -95,9 +153,15 @@ class PeerServer:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; after `drain()`, until the answers in flight are sent."""
-        async with trio.open_nursery() as connections:
-            await connections.start(self._accept, connections)
-            task_status.started()
+        accept_errors = logging.getLogger("trio.serve_listeners")
+        quiet = _RateLimit(WARNING_INTERVAL_S)
+        accept_errors.addFilter(quiet)
+        try:
+            async with trio.open_nursery() as connections:
+                await connections.start(self._accept, connections)
+                task_status.started()
+        finally:
+            accept_errors.removeFilter(quiet)
 
     async def _accept(
         self,
@@ -117,9 +181,49 @@ class PeerServer:
             scope.cancel()
         await self._quiet.wait()
 
+    def _make_room(self) -> bool:
+        """Whether a new connection may be served: displace the oldest unauthenticated one."""
+        if self._connections < self._max_connections:
+            return True
+        if self._unauthenticated:
+            oldest = next(iter(self._unauthenticated))
+            del self._unauthenticated[oldest]
+            oldest.cancel()
+            self._displaced += 1
+            admitted = True
+        else:
+            self._rejected += 1
+            admitted = False
+        now = trio.current_time()
+        if now >= self._next_warning:
+            self._next_warning = now + WARNING_INTERVAL_S
+            log.warning(
+                "%d peer connections (the limit): %s; %d displaced, %d rejected so far",
+                self._connections,
+                "displacing connections not yet authenticated"
+                if admitted
+                else "rejecting new ones",
+                self._displaced,
+                self._rejected,
+            )
+        return admitted
+
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
-        """Answer requests on one connection (serve_listeners closes it afterwards)."""
+        """Serve one connection (serve_listeners closes it afterwards)."""
+        if not self._make_room():
+            return
         self._connections += 1
+        try:
+            with trio.CancelScope(deadline=trio.current_time() + FIRST_REQUEST_S) as first:
+                self._unauthenticated[first] = None
+                try:
+                    await self._serve_requests(stream, first)
+                finally:
+                    self._unauthenticated.pop(first, None)
+        finally:
+            self._connections -= 1
+
+    async def _serve_requests(self, stream: trio.SocketStream, first: trio.CancelScope) -> None:
         header = bytearray(REQUEST_HEADER_BYTES)
         try:
             while not self._draining:
@@ -134,7 +238,7 @@ class PeerServer:
                 self._in_flight += 1
                 self._quiet = trio.Event() if self._in_flight == 1 else self._quiet
                 try:
-                    keep_open = await self._answer(stream, header)
+                    keep_open = await self._answer(stream, header, first)
                 finally:
                     self._in_flight -= 1
                     if self._in_flight == 0:
@@ -143,10 +247,10 @@ class PeerServer:
                     return
         except (Closed, trio.BrokenResourceError, trio.ClosedResourceError):
             pass
-        finally:
-            self._connections -= 1
 
-    async def _answer(self, stream: trio.SocketStream, raw_header: bytearray) -> bool:
+    async def _answer(
+        self, stream: trio.SocketStream, raw_header: bytearray, first: trio.CancelScope
+    ) -> bool:
         """Read the rest of one request and answer it; False to close the connection."""
         try:
             header = protocol.parse_request_header(raw_header)
@@ -165,6 +269,9 @@ class PeerServer:
             self._auth_failures += 1
             log.debug("peer request refused: %s", error)
             return False
+        if first in self._unauthenticated:
+            del self._unauthenticated[first]
+            first.deadline = math.inf  # authenticated: only the idle deadline applies now
         self._requests += 1
         status, block = await self._lookup(request)
         key = request.key
@@ -230,4 +337,6 @@ class PeerServer:
             peer_protocol_errors=self._protocol_errors,
             peer_connections=self._connections,
             peer_requests_in_flight=self._in_flight,
+            peer_connections_displaced=self._displaced,
+            peer_connections_rejected=self._rejected,
         )
