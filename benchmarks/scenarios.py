@@ -334,11 +334,14 @@ class Bench:
                     "memcachefs_ttfb_cold", lambda: lib.first_byte(path), pids=[daemon.pid]
                 )
 
-    @staticmethod
-    def peering(port: int, *peers: int) -> list[str]:
-        """memcachefs options: listen on `port` of loopback, ask `peers`."""
+    def peering(self, port: int, *peers: int) -> list[str]:
+        """memcachefs options: listen on `port` of loopback, ask `peers` (with a secret)."""
+        secret = self.work / "cluster-secret"
+        if not secret.exists():
+            secret.write_text("benchmark cluster\n")
+            secret.chmod(0o600)
         asks = [arg for peer in peers for arg in ("--peer", f"127.0.0.1:{peer}")]
-        return ["--listen", f"127.0.0.1:{port}", *asks]
+        return ["--listen", f"127.0.0.1:{port}", "--cluster-secret-file", str(secret), *asks]
 
     def cluster(self) -> None:
         if self.wants("memcachefs_remote_hit"):

@@ -94,16 +94,6 @@ def _is_host(host: str) -> bool:
     )
 
 
-def is_loopback_host(host: str) -> bool:
-    """Whether `host` names only a loopback address (``localhost``, 127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def read_secret(path: Path) -> bytes:
     """The cluster secret: the file's bytes without surrounding whitespace.
 
@@ -263,8 +253,7 @@ class ClusterConfig(BaseModel):
         Address | None,
         Option(
             "listen",
-            "serve blocks to peers on this address (a non-loopback address needs "
-            "--cluster-secret-file)",
+            "serve blocks to peers on this address (needs --cluster-secret-file)",
             "HOST:PORT",
         ),
     ] = None
@@ -327,11 +316,11 @@ class ClusterConfig(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _non_loopback_needs_a_secret(self) -> ClusterConfig:
-        if self.listen is not None and not self.secret and not is_loopback_host(self.listen[0]):
+    def _listener_needs_a_secret(self) -> ClusterConfig:
+        if self.listen is not None and not self.secret:
             raise ValueError(
-                f"--listen {self.listen[0]}:{self.listen[1]}: a non-loopback address needs "
-                "--cluster-secret-file (peers must authenticate)"
+                f"--listen {self.listen[0]}:{self.listen[1]} needs --cluster-secret-file "
+                "(peers must authenticate, on loopback too)"
             )
         if self.peers_file is not None:
             from memcachefs.membership import read_peers_file

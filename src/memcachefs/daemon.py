@@ -34,6 +34,7 @@ from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import HasStatistics, StatisticsSnapshot
 from memcachefs.pagecache import NotifyStore, PageCachePusher
 from memcachefs.peers import PeerClient, PeerServer
+from memcachefs.peers.server import raise_descriptor_limit
 from memcachefs.source import Source
 
 log = logging.getLogger(__name__)
@@ -242,13 +243,13 @@ async def _start_cluster(
     statistics.add(client)
     server = None
     if listeners:
+        raise_descriptor_limit()  # the connection bound is taken from it
         server = PeerServer(loader, listeners, secret=secret, timeout_s=cluster.peer_timeout_s)
         await nursery.start(server.run)
         statistics.add(server)
         log.info(
-            "serving peers on %s (%s)",
+            "serving peers on %s (authenticated)",
             ", ".join(f"{host}:{port}" for host, port in server.addresses),
-            "authenticated" if cluster.secret else "loopback, no secret",
         )
     return server, client
 

@@ -46,12 +46,3 @@ class HashRing:
         ]
         scored.sort(reverse=True)
         return [member for _, member in scored]
-
-    def owner(self, key: BlockKey) -> str | None:
-        """The member that owns `key`; None for an empty ring."""
-        if not self._seeds:
-            return None
-        data = key_bytes(key)
-        return max(
-            self._seeds, key=lambda item: (xxhash.xxh3_64_intdigest(data, seed=item[0]), item[1])
-        )[1]

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Bounds of the block size: in the config, and in every peer request.
+# Bounds every instance agrees on (config checks them; the peer protocol refuses
+# anything outside them before allocating).
 MIN_BLOCK_BYTES = 64 * 1024
 MAX_BLOCK_BYTES = 256 * 1024 * 1024
+MAX_PATH_BYTES = 4096  # a relative path in a key (PATH_MAX)
 
 
 @dataclass(frozen=True, slots=True)

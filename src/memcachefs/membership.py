@@ -4,10 +4,13 @@ Members are ids ``"ip:port"`` (``"[v6]:port"``), resolved from the three
 sources and refreshed in the background: the static list and the DNS name every
 `dns_refresh_s` (a Kubernetes headless Service answers one A record per ready
 pod), the peers file whenever its mtime changes (checked every second; one
-``HOST:PORT`` per line, ``#`` comments). A source that fails to resolve keeps
-its previous answer. The instance itself is recognised by its listen address
-(or, for a wildcard listener, by the port and a local IP address) and is kept
-out of `peers` but in the ring as `self_id`.
+``HOST:PORT`` per line, ``#`` comments). A source that fails to resolve, or
+gets no answer within RESOLVE_TIMEOUT_S, keeps its previous answer. Start-up
+never waits on the network: `run` reports started before the first
+resolution, and the mount serves local reads while peers are discovered.
+The instance itself is recognised by its listen address (or, for a wildcard
+listener, by the port and a local IP address) and is kept out of `peers` but
+in the ring as `self_id`.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from memcachefs.metrics import counter, gauge
 log = logging.getLogger(__name__)
 
 FILE_POLL_S = 1.0
+RESOLVE_TIMEOUT_S = 5.0  # one name lookup; past it the lookup counts as failed
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -90,6 +94,7 @@ class MembershipStatistics:
     members: int = gauge("peers known (this instance not counted)")
     membership_changes: int = counter("changes of the peer set")
     membership_errors: int = counter("failed resolutions of peer names or the peers file")
+    membership_lookup_timeouts: int = counter("peer name lookups without an answer in time")
 
 
 class Membership:
@@ -108,6 +113,7 @@ class Membership:
         self.version = 0
         self._changes = 0
         self._errors = 0
+        self._lookup_timeouts = 0
         self._failing: set[str] = set()
         self.self_id: str | None = None
         if config.listen is not None:
@@ -148,13 +154,19 @@ class Membership:
 
     async def _lookup(self, host: str, port: int, what: str) -> list[str]:
         """Resolve `host`; on failure keep what it resolved to last time."""
-        try:
-            found = await self._resolve(host, port)
-        except OSError as error:
+        found: list[str] | None = None
+        problem = f"no answer within {RESOLVE_TIMEOUT_S:g}s"
+        with trio.move_on_after(RESOLVE_TIMEOUT_S) as deadline:
+            try:
+                found = await self._resolve(host, port)
+            except OSError as error:
+                problem = str(error)
+        if found is None:
             self._errors += 1
+            self._lookup_timeouts += deadline.cancelled_caught
             if what not in self._failing:
                 self._failing.add(what)
-                log.warning("%s does not resolve (%s); keeping its previous members", what, error)
+                log.warning("%s does not resolve (%s); keeping its previous members", what, problem)
             return self._resolved.get((host, port), [])
         if what in self._failing:
             self._failing.discard(what)
@@ -206,9 +218,10 @@ class Membership:
             )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Resolve once, report started, then keep the member set fresh."""
-        await self.refresh()
+        """Report started at once, then resolve and keep the member set fresh."""
         task_status.started()
+        log.info("discovering peers in the background")
+        await self.refresh()
         names_every = max(FILE_POLL_S, self._config.dns_refresh_s)
         since_names = 0.0
         while True:
@@ -224,4 +237,5 @@ class Membership:
             members=len(self.peers),
             membership_changes=self._changes,
             membership_errors=self._errors,
+            membership_lookup_timeouts=self._lookup_timeouts,
         )

@@ -69,9 +69,9 @@ def statistics_classes() -> dict[str, list[type]]:
         membership,
         metadata,
         pagecache,
-        peers,
         source,
     )
+    from memcachefs.peers import client, server
 
     return {
         "local": [
@@ -83,8 +83,8 @@ def statistics_classes() -> dict[str, list[type]]:
             fs.FilesystemStatistics,
             pagecache.PageCacheStatistics,
         ],
-        "cluster": [membership.MembershipStatistics, peers.PeerClientStatistics],
-        "peer_server": [peers.PeerServerStatistics],
+        "cluster": [membership.MembershipStatistics, client.PeerClientStatistics],
+        "peer_server": [server.PeerServerStatistics],
     }
 
 

@@ -18,15 +18,19 @@ Response (server -> client)::
     path     path_len bytes (the key the payload belongs to)
     payload  payload_len bytes (only when status is HIT)
 
+Statuses: HIT, MISS (not here, or another version of the file), ERROR (the
+server could not produce the block), BLOCK_SIZE (the server uses another
+block size: no block of this client's can come from it).
+
 The request flag MEMORY_ONLY asks for a block only if the peer holds it in
 memory (no fill from its source).
 
 Every length is checked against a fixed maximum before anything is allocated.
 A request whose MAC does not verify, whose timestamp is outside the replay
 window, or whose nonce was seen within the window gets no answer at all: the
-server closes the connection. Without a cluster secret (allowed only for
-loopback listeners) the MAC is computed under an empty key: the format is the
-same, and it protects nothing.
+server closes the connection. Every listener has a cluster secret (config.py
+refuses one without); a client configured without one computes the MAC under
+an empty key, and no server accepts it.
 """
 
 from __future__ import annotations
@@ -39,24 +43,21 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from memcachefs.errors import PeerError
-from memcachefs.keys import BlockKey, FileVersion
-from memcachefs.source import MAX_PATH_BYTES
+from memcachefs.keys import MAX_BLOCK_BYTES, MAX_PATH_BYTES, MIN_BLOCK_BYTES, BlockKey, FileVersion
 
 PROTOCOL_VERSION = 1
 REQUEST_MAGIC = b"MCFQ"
 RESPONSE_MAGIC = b"MCFR"
 MAC_BYTES = 32
 NONCE_BYTES = 16
-MIN_BLOCK_BYTES = 64 * 1024
-MAX_BLOCK_BYTES = 256 * 1024 * 1024
 REPLAY_WINDOW_S = 30.0
 MAX_REMEMBERED_NONCES = 1_000_000
 
 FLAG_MEMORY_ONLY = 0x01
 _KNOWN_FLAGS = FLAG_MEMORY_ONLY
 
-HIT, MISS, ERROR = 0, 1, 2
-_STATUSES = (HIT, MISS, ERROR)
+HIT, MISS, ERROR, BLOCK_SIZE = 0, 1, 2, 3  # BLOCK_SIZE: the server uses another block size
+_STATUSES = (HIT, MISS, ERROR, BLOCK_SIZE)
 
 _REQUEST = struct.Struct("!4sBBHIQqQQ16s")
 _RESPONSE = struct.Struct("!4sBBHQqQ16sIQ")

@@ -26,13 +26,12 @@ import trio
 import xxhash
 
 from memcachefs.errors import MemcachefsError, SourceError, StaleVersion
-from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.keys import MAX_PATH_BYTES, BlockKey, FileVersion
 from memcachefs.metrics import counter, gauge
 
 T = TypeVar("T")
 
 MAX_NAME_BYTES = 255
-MAX_PATH_BYTES = 4096
 _IDLE_DESCRIPTORS = 64
 _CLOSE_THREADS = 2  # closes in flight at once (one may be stuck on a stalled source)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import signal
+import socket
 import threading
 from pathlib import Path
 
@@ -23,6 +26,22 @@ SIZE = 12 * MiB + 12345  # 4 blocks of 4M, the last one short
 
 def addr(port: int) -> str:
     return f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def memcachefs_mount(memcachefs_mount, tmp_path: Path):
+    """Every instance shares one cluster secret (a listener needs one), unless given its own."""
+    secret = tmp_path / "cluster-secret"
+    secret.write_text("the cluster secret\n")
+    secret.chmod(0o600)
+
+    def factory(source: Path, *, args=(), **options):
+        args = list(args)
+        if "--cluster-secret-file" not in args:
+            args += ["--cluster-secret-file", str(secret)]
+        return memcachefs_mount(source, args=args, **options)
+
+    return factory
 
 
 @pytest.fixture
@@ -232,3 +251,64 @@ def test_a_new_instance_reads_from_every_warm_peer(source: Path, memcachefs_moun
     served = a.stats()["blocks_served_to_peers"] + b.stats()["blocks_served_to_peers"]
     assert served - served_before == blocks
     assert a.stats()["source_bytes"] == SIZE  # holders are asked from memory only
+
+
+def open_flood(port: int, idle: int, garbage: int) -> list[socket.socket]:
+    """`idle` connections that send nothing and `garbage` ones that send noise."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < idle + garbage + 256:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    connections = []
+    for n in range(idle + garbage):
+        connection = socket.socket()
+        connection.settimeout(2)
+        try:
+            connection.connect(("127.0.0.1", port))
+            if n % 2 and garbage:  # interleaved, so both kinds hold the server at once
+                garbage -= 1
+                connection.sendall(os.urandom(64))
+        except OSError:
+            pass  # a full accept queue or a connection already displaced
+        connections.append(connection)
+    return connections
+
+
+def test_a_connection_flood_does_not_starve_the_mount_or_its_peers(
+    source: Path, memcachefs_mount
+) -> None:
+    port = free_port()
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, limit[0]), limit[1]))  # ulimit -Sn
+    try:
+        warm = memcachefs_mount(
+            source,
+            capacity="64M",
+            args=["--listen", addr(port)],
+            expected_log=["peer connections"],
+        )
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limit)
+    expected = (source / "model.bin").read_bytes()
+    assert (warm.path / "model.bin").read_bytes() == expected
+    flood: list[socket.socket] = []
+    with in_thread(lambda: flood.extend(open_flood(port, 5000, 5000))) as flooded:
+        # A peer fetching from the flooded instance while the flood arrives.
+        reader = memcachefs_mount(source, capacity="64M", args=["--peer", addr(port)])
+        assert (reader.path / "model.bin").read_bytes() == expected
+        flooded(120)
+    try:
+        drop_page_cache(warm.path / "model.bin")
+        assert (warm.path / "model.bin").read_bytes() == expected  # local, from memory
+        assert len(os.listdir(warm.path)) >= 1
+        report = run_cli("stats", warm.path)
+        assert report.returncode == 0, report
+        stats = warm.stats()
+        assert stats["peer_connections_displaced"] > 0
+        assert stats["peer_connections"] <= 1024
+        assert stats["source_bytes"] == SIZE  # nothing read twice
+        reader_stats = reader.stats()
+        assert (reader_stats["peer_hits"], reader_stats["source_bytes"]) == (4, 0)
+        assert reader_stats["peer_errors_timeout"] == 0
+    finally:
+        for connection in flood:
+            connection.close()

@@ -28,6 +28,20 @@ def secret_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
+def mount_listening(source: Path, mountpoint: Path, listen: str, secret: Path):
+    return run_cli(
+        "mount",
+        source,
+        mountpoint,
+        "--capacity",
+        "64M",
+        "--listen",
+        listen,
+        "--cluster-secret-file",
+        secret,
+    )
+
+
 CASES = [
     ("listen-not-an-address", ["--listen", "nope"], ["--listen", "HOST:PORT"]),
     ("listen-port-zero", ["--listen", "127.0.0.1:0"], ["--listen", "port"]),
@@ -36,6 +50,7 @@ CASES = [
     ("peers-dns-no-port", ["--peers-dns", "svc.local"], ["--peers-dns"]),
     ("peers-file-missing", ["--peers-file", "/nonexistent/peers"], ["--peers-file"]),
     ("non-loopback-without-secret", ["--listen", "0.0.0.0:7000"], ["--cluster-secret-file"]),
+    ("loopback-without-secret", ["--listen", "127.0.0.1:7000"], ["--cluster-secret-file"]),
     ("secret-missing", ["--cluster-secret-file", "/nonexistent/secret"], ["secret"]),
     ("peer-timeout-zero", ["--peer", "127.0.0.1:7000", "--peer-timeout", "0"], ["--peer-timeout"]),
 ]
@@ -71,15 +86,14 @@ def test_bad_secret_files(dirs, tmp_path: Path, text: str, mode: int, word: str)
     _assert_refused(result, "--cluster-secret-file", word)
 
 
-def test_a_busy_peer_port_is_one_line_and_nothing_is_mounted(dirs) -> None:
+def test_a_busy_peer_port_is_one_line_and_nothing_is_mounted(dirs, tmp_path: Path) -> None:
     source, mountpoint = dirs
+    path = secret_file(tmp_path, "s3cret\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        result = run_cli(
-            "mount", source, mountpoint, "--capacity", "64M", "--listen", f"127.0.0.1:{port}"
-        )
+        result = mount_listening(source, mountpoint, f"127.0.0.1:{port}", path)
     assert result.returncode == 2, result
     assert "Traceback" not in result.stderr
     assert "cannot listen for peers" in result.stderr and "in use" in result.stderr
@@ -92,18 +106,7 @@ def test_a_secret_allows_any_listen_address(dirs, tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    path = secret_file(tmp_path, "s3cret\n")
-    result = run_cli(
-        "mount",
-        source,
-        mountpoint,
-        "--capacity",
-        "64M",
-        "--listen",
-        f"0.0.0.0:{port}",
-        "--cluster-secret-file",
-        path,
-    )
+    result = mount_listening(source, mountpoint, f"0.0.0.0:{port}", secret_file(tmp_path, "s\n"))
     try:
         assert result.returncode == 0, result
         assert mounts.find_mount(mountpoint) is not None

@@ -23,6 +23,7 @@ from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.peers import PeerClient, PeerServer
+from memcachefs.peers import server as peer_server
 from memcachefs.protocol import RESPONSE_HEADER_BYTES, Request
 from memcachefs.source import Source, version_of
 from memcachefs.testing.faultproxy import FaultProxy
@@ -146,14 +147,14 @@ async def test_memory_only_requests_never_fill(root: Path) -> None:
         assert response.status == protocol.HIT and len(payload) == BS
 
 
-async def test_another_version_is_a_miss_and_a_bad_block_size_an_error(root: Path) -> None:
+async def test_another_version_is_a_miss_and_a_bad_block_size_said_so(root: Path) -> None:
     async with serving(root) as served:
         current = version(root, b"model.bin")
         older = FileVersion(current.relpath, current.size, current.mtime_ns - 1)
         response, _, payload = await ask(served.port, request(BlockKey(older, 0)))
         assert (response.status, payload) == (protocol.MISS, b"")
         wire = request(BlockKey(current, 0), block_size=2 * BS)
-        assert (await ask(served.port, wire))[0].status == protocol.ERROR
+        assert (await ask(served.port, wire))[0].status == protocol.BLOCK_SIZE
         beyond = BlockKey(current, 6)
         assert (await ask(served.port, request(beyond)))[0].status == protocol.ERROR
 
@@ -239,6 +240,65 @@ async def test_drain_finishes_answers_and_takes_no_more(root: Path) -> None:
             await ask(served.port, request(key))
 
 
+# -- connection bounds -------------------------------------------------------------
+
+
+async def test_idle_connections_at_the_bound_make_room_for_a_peer(
+    root: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(peer_server, "MAX_CONNECTIONS", 8)
+    async with serving(root) as served:
+        idle = [await trio.open_tcp_stream("127.0.0.1", served.port) for _ in range(30)]
+        garbage = [await trio.open_tcp_stream("127.0.0.1", served.port) for _ in range(10)]
+        for stream in garbage:
+            await stream.send_all(os.urandom(protocol.REQUEST_HEADER_BYTES))
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        key = BlockKey(version(root, b"model.bin"), 1)
+        assert await client.fetch_into(key, memoryview(bytearray(BS))) is not None
+        stats = served.server.statistics()
+        assert stats.peer_connections <= 8
+        assert stats.peer_connections_displaced >= 30 - 8
+        assert stats.peer_connections_rejected == 0
+        warnings = [r for r in caplog.records if "peer connections" in r.getMessage()]
+        assert len(warnings) == 1  # rate-limited
+        for stream in idle + garbage:
+            await stream.aclose()
+        client.close()
+
+
+async def test_authenticated_connections_are_not_displaced(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_server, "MAX_CONNECTIONS", 1)
+    async with serving(root) as served:
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        key = BlockKey(version(root, b"model.bin"), 1)
+        buffer = memoryview(bytearray(BS))
+        assert await client.fetch_into(key, buffer) is not None  # kept alive in the pool
+        assert await closed_without_a_word(served.port, b"")
+        assert served.server.statistics().peer_connections_rejected == 1
+        assert await client.fetch_into(key, buffer) is not None  # the kept-alive one serves
+        client.close()
+
+
+async def test_a_connection_without_a_request_is_closed_after_the_first_deadline(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_server, "FIRST_REQUEST_S", 0.2)
+    async with serving(root) as served:
+        async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
+            with trio.fail_after(5):
+                assert await stream.receive_some(10) == b""
+        # Once authenticated, only the idle deadline applies.
+        key = BlockKey(version(root, b"model.bin"), 0)
+        async with await trio.open_tcp_stream("127.0.0.1", served.port) as stream:
+            await stream.send_all(request(key))
+            assert (await answer(stream))[0].status == protocol.HIT
+            await trio.sleep(0.5)
+            await stream.send_all(request(key))
+            assert (await answer(stream))[0].status == protocol.HIT
+
+
 # -- client ------------------------------------------------------------------------
 
 
@@ -308,6 +368,37 @@ async def test_a_refused_peer_is_marked_down_and_not_retried_at_once() -> None:
     assert (stats.peer_errors_refused, stats.peer_fetches, stats.peers_down) == (1, 1, 1)
 
 
+async def test_a_peer_with_another_block_size_is_logged_once_and_backed_off(
+    root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with serving(root) as served:
+        peers = (("127.0.0.1", served.port),)
+        membership = Membership(ClusterConfig(peers=peers, secret=SECRET))
+        await membership.refresh()
+        client = PeerClient(membership, block_size=2 * BS, secret=SECRET, timeout_s=5)
+        file_version = version(root, b"many.bin")
+        keys = [BlockKey(file_version, i) for i in range(4)]
+
+        async def fetch(key: BlockKey) -> None:
+            assert await client.fetch_into(key, memoryview(bytearray(2 * BS))) is None
+
+        async with trio.open_nursery() as nursery:  # a reader and its readahead
+            for key in keys:
+                nursery.start_soon(fetch, key)
+        for key in keys:  # in backoff: not asked
+            await fetch(key)
+        stats = client.statistics()
+        assert stats.peers_down == 1
+        assert stats.peer_errors_block_size == stats.peer_fetches <= len(keys)
+        await trio.sleep(0.6)  # past the first backoff: probed once more, still refused
+        await fetch(keys[0])
+        assert client.statistics().peer_errors_block_size == stats.peer_fetches + 1
+        warnings = [r for r in caplog.records if "block-size" in r.getMessage()]
+        assert len(warnings) == 1, warnings
+        assert served.server.statistics().blocks_served_to_peers == 0
+        client.close()
+
+
 async def test_a_wrong_secret_is_counted_as_auth(root: Path) -> None:
     async with serving(root, secret=b"another") as served:
         client = await client_for([f"127.0.0.1:{served.port}"])
@@ -369,7 +460,7 @@ async def test_a_peer_is_asked_again_after_its_backoff(root: Path) -> None:
 
 def owned_by(member: str, members: list[str], keys: list[BlockKey]) -> list[BlockKey]:
     ring = HashRing(members)
-    return [key for key in keys if ring.owner(key) == member]
+    return [key for key in keys if ring.ranked(key)[0] == member]
 
 
 async def fetch_all(
@@ -391,7 +482,7 @@ async def fetch_all(
 def a_peer(client: PeerClient, member: str) -> Any:
     choice = client.choose(BlockKey(FileVersion(b"f", BS, 1), 0))
     assert choice is not None
-    peer = client._peers[member]
+    peer = client._router.peers[member]
     peer.in_flight = 1  # as if it were busy: any known holder is less loaded
     return peer
 
@@ -460,7 +551,7 @@ async def test_a_holder_that_misses_is_followed_by_the_owner(root: Path) -> None
         assert client.statistics().peer_holder_fetches == 1  # B not asked again
         # ...only after a hit from its memory.
         assert client.holder_for(own_a[4], a_peer(client, members[0])) is None
-        client._remember(file_version, members[1], hit=True, memory_only=True)
+        client._router.remember(file_version, members[1], hit=True, memory_only=True)
         assert client.holder_for(own_a[4], a_peer(client, members[0])) is not None
         client.close()
 

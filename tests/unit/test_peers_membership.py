@@ -6,19 +6,24 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from memcachefs.config import ClusterConfig
 from memcachefs.errors import ConfigError
-from memcachefs.membership import Membership, member_id, read_peers_file
+from memcachefs.membership import RESOLVE_TIMEOUT_S, Membership, member_id, read_peers_file
 
 
 class FakeDNS:
     def __init__(self) -> None:
         self.answers: dict[str, list[str] | OSError] = {}
+        self.silent: set[str] = set()  # names it never answers for
         self.calls = 0
 
     async def __call__(self, host: str, port: int) -> list[str]:
         self.calls += 1
+        if host in self.silent:
+            await trio.sleep_forever()
         answer = self.answers.get(host, [host])
         if isinstance(answer, OSError):
             raise answer
@@ -27,7 +32,9 @@ class FakeDNS:
 
 async def test_static_peers_and_self_by_listen_address() -> None:
     config = ClusterConfig(
-        listen=("127.0.0.1", 7001), peers=(("127.0.0.1", 7001), ("127.0.0.2", 7002))
+        listen=("127.0.0.1", 7001),
+        peers=(("127.0.0.1", 7001), ("127.0.0.2", 7002)),
+        secret=b"s",
     )
     membership = Membership(config, resolver=FakeDNS())
     await membership.refresh()
@@ -81,8 +88,32 @@ def test_bad_peers_file_line_names_the_line(tmp_path: Path) -> None:
         read_peers_file(path)
 
 
-def test_non_loopback_listener_needs_a_secret() -> None:
-    with pytest.raises(ValueError, match="cluster-secret-file"):
-        ClusterConfig(listen=("0.0.0.0", 7000))
-    ClusterConfig(listen=("127.0.0.1", 7000))
-    ClusterConfig(listen=("0.0.0.0", 7000), secret=b"s")
+def test_every_listener_needs_a_secret() -> None:
+    for host in ("0.0.0.0", "127.0.0.1", "localhost", "::1"):
+        with pytest.raises(ValueError, match="cluster-secret-file"):
+            ClusterConfig(listen=(host, 7000))
+        ClusterConfig(listen=(host, 7000), secret=b"s")
+    ClusterConfig(peers=(("127.0.0.1", 7000),))  # a client alone needs none
+
+
+async def test_start_up_does_not_wait_on_a_resolver_that_never_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    dns = FakeDNS()
+    dns.answers["svc"] = ["192.0.2.1"]
+    dns.silent.add("svc")
+    config = ClusterConfig(peers=(("127.0.2.2", 7000),), peers_dns=("svc", 7000))
+    membership = Membership(config, resolver=dns)
+    async with trio.open_nursery() as nursery:
+        start = trio.current_time()
+        with trio.fail_after(1):
+            await nursery.start(membership.run)
+        assert trio.current_time() == start  # started before any lookup answered
+        await trio.sleep(RESOLVE_TIMEOUT_S + 0.5)  # the DNS lookup is given up on
+        assert membership.peers == {"127.0.2.2:7000"}
+        stats = membership.statistics()
+        assert (stats.membership_errors, stats.membership_lookup_timeouts) == (1, 1)
+        dns.silent.clear()  # the resolver answers again: the next refresh picks it up
+        await trio.sleep(config.dns_refresh_s + 1.5)
+        assert membership.peers == {"127.0.2.2:7000", "192.0.2.1:7000"}
+        nursery.cancel_scope.cancel()

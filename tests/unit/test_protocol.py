@@ -166,6 +166,7 @@ def test_largest_legal_path_is_accepted() -> None:
         (protocol.HIT, (4 << 20) + 1, 4 << 20),  # more than the block the client expects
         (protocol.HIT, 0xFFFFFFFF, 4 << 20),
         (protocol.MISS, 10, 4 << 20),  # a miss carries no payload
+        (protocol.BLOCK_SIZE, 10, 4 << 20),
         (7, 0, 4 << 20),
     ],
 )
