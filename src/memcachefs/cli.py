@@ -115,7 +115,7 @@ def _add_options(parser: argparse.ArgumentParser) -> None:
             target.add_argument(
                 option.flag,
                 dest=name,
-                action=argparse.BooleanOptionalAction,
+                action=argparse.BooleanOptionalAction if option.negatable else "store_true",
                 default=argparse.SUPPRESS,
                 help=help_text,
             )

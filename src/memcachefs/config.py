@@ -34,6 +34,8 @@ from pydantic.fields import FieldInfo
 from memcachefs.errors import ConfigError
 from memcachefs.keys import MAX_BLOCK_BYTES, MIN_BLOCK_BYTES
 
+DEFAULT_PATTERNS = ("*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.onnx")
+
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
@@ -169,6 +171,7 @@ class Option:
     help: str
     metavar: str | None = None
     positional: bool = False
+    negatable: bool = True  # a boolean's flag has a --no- form (off for a --no-X option)
 
     @property
     def flag(self) -> str:
@@ -223,6 +226,29 @@ class CacheConfig(BaseModel):
         Field(ge=1, le=256),
         Option("metadata-threads", "parallel metadata calls (stat, listings) to the source", "N"),
     ] = 8
+    prefetch_patterns: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_words),
+        Option(
+            "prefetch",
+            "file name pattern of model files filled whole when opened (repeatable; the "
+            "defaults cover *.safetensors *.gguf *.bin *.pt *.pth *.ckpt *.onnx)",
+            "PATTERN",
+        ),
+    ] = DEFAULT_PATTERNS
+    no_prefetch: Annotated[
+        bool, Option("no-prefetch", "do not prefetch model files when opened", negatable=False)
+    ] = False
+    prefetch_window_bytes: Annotated[
+        Size,
+        Field(gt=0),
+        Option(
+            "prefetch-window",
+            "bytes of one file's prefetch in flight at once (about the source's latency x "
+            "bandwidth)",
+            "SIZE",
+        ),
+    ] = 64 * MiB
     push_page_cache: Annotated[
         bool,
         Option(

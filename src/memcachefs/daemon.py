@@ -35,6 +35,7 @@ from memcachefs.metrics import HasStatistics, StatisticsSnapshot
 from memcachefs.pagecache import NotifyStore, PageCachePusher
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.peers.server import raise_descriptor_limit
+from memcachefs.prefetch import Prefetcher
 from memcachefs.source import Source
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,7 @@ class Service:
     metadata: MetadataCache
     loader: Loader
     files: OpenFiles
+    prefetcher: Prefetcher | None
     pusher: PageCachePusher | None
     fs: Filesystem
     statistics: StatisticsSnapshot
@@ -98,7 +100,7 @@ class Service:
     def components(self) -> list[HasStatistics]:
         parts: list[HasStatistics] = [self.store, self.loader, self.source, self.metadata]
         parts += [self.files, self.fs]
-        return parts if self.pusher is None else [*parts, self.pusher]
+        return parts + [part for part in (self.prefetcher, self.pusher) if part is not None]
 
 
 def build_service(
@@ -110,6 +112,8 @@ def build_service(
     read_ahead_blocks: int,
     attr_timeout_s: float,
     push_page_cache: bool,
+    prefetch_patterns: tuple[str, ...] | None = None,
+    prefetch_window_bytes: int = 64 * 1024 * 1024,
     stale_grace_s: float = 0.5,
     clock: Callable[[], float] = time.monotonic,
     notify_store: NotifyStore = pyfuse3.notify_store,
@@ -122,7 +126,18 @@ def build_service(
         source, nursery, ttl_s=attr_timeout_s, stale_grace_s=stale_grace_s, clock=clock
     )
     loader = Loader(store, source, nursery, read_ahead_blocks=read_ahead_blocks)
-    files = OpenFiles(source, metadata, loader, nursery)
+    prefetcher = (
+        None
+        if prefetch_patterns is None
+        else Prefetcher(
+            loader,
+            metadata,
+            nursery,
+            patterns=prefetch_patterns,
+            window_bytes=prefetch_window_bytes,
+        )
+    )
+    files = OpenFiles(source, metadata, loader, nursery, prefetcher)
     pusher = (
         PageCachePusher(
             store, nursery, notify_store=notify_store, reader_position=files.reader_position
@@ -141,7 +156,7 @@ def build_service(
         readdir_reply=readdir_reply,
         pusher=pusher,
     )
-    service = Service(source, store, metadata, loader, files, pusher, fs, statistics)
+    service = Service(source, store, metadata, loader, files, prefetcher, pusher, fs, statistics)
     for component in service.components():
         statistics.add(component)
     return service
@@ -169,6 +184,8 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                     read_ahead_blocks=cache.read_ahead_blocks,
                     attr_timeout_s=config.attr_timeout_s,
                     push_page_cache=cache.push_page_cache,
+                    prefetch_patterns=None if cache.no_prefetch else cache.prefetch_patterns,
+                    prefetch_window_bytes=cache.prefetch_window_bytes,
                     static_statistics={
                         "mountpoint": str(config.mountpoint),
                         "source": str(config.source),

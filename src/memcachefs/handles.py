@@ -29,6 +29,7 @@ from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import counter, gauge
+from memcachefs.prefetch import Prefetcher
 from memcachefs.singleflight import SingleFlight
 from memcachefs.source import Source
 
@@ -68,15 +69,16 @@ class OpenFiles:
         metadata: MetadataCache,
         loader: Loader,
         nursery: trio.Nursery,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self._source = source
         self._metadata = metadata
         self._loader = loader
+        self._prefetcher = prefetcher
         self._opens: SingleFlight[bytes, FileVersion] = SingleFlight(nursery)
         self._files: dict[int, OpenFile] = {}
         self._waiting: dict[bytes, _Waiting] = {}
         self._next_handle = 1
-        self.changed = trio.Event()  # set whenever a handle is released
         self.counters = HandleStatistics()
 
     def __len__(self) -> int:
@@ -108,14 +110,20 @@ class OpenFiles:
         fh = self._next_handle
         self._next_handle += 1
         self._files[fh] = OpenFile(inode, version, pinned)
+        if self._prefetcher is not None:
+            self._prefetcher.opened(version)
         return fh
 
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
-        if handle is not None and handle.pinned:
+        if handle is None:
+            return
+        if handle.pinned:
             self._source.release(handle.version)
-        self.changed.set()
-        self.changed = trio.Event()
+        if self._prefetcher is not None and all(
+            other.version != handle.version for other in self._files.values()
+        ):
+            self._prefetcher.closed(handle.version)
 
     # -- an open that raced a change ------------------------------------------------------
     def keep_waiting(self, version: FileVersion) -> None:
@@ -152,6 +160,8 @@ class OpenFiles:
             if index in (handle.last_index + 1, 0):
                 self._loader.read_ahead(handle.version, index)
             handle.last_index = index
+            if self._prefetcher is not None:
+                self._prefetcher.read(handle.version, index)
         return await self._loader.block(BlockKey(handle.version, index), wanted_bytes)
 
     def reader_position(self, inode: int) -> int:

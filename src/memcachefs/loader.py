@@ -136,6 +136,14 @@ class Loader:
             self.counters.readahead_fills += 1
             self._flight.start(key, functools.partial(self._readahead_fill, key))
 
+    async def prefetch(self, key: BlockKey) -> bool:
+        """Fill `key` ahead of its readers unless it is in memory or being filled;
+        True once this call filled it. ReadError or OSError if the fill failed."""
+        if key in self.store or self._flight.in_flight(key):
+            return False
+        await self._flight.do(key, functools.partial(self._fill_ahead, key))
+        return True
+
     def _adapt_window(self) -> None:
         """Halve the readahead window when its blocks were evicted unread; after a
         capacity's worth of fills without that, let it grow by one block."""
@@ -153,10 +161,16 @@ class Loader:
 
     async def _readahead_fill(self, key: BlockKey) -> Block:
         try:
-            block = await self._fill(key)
+            return await self._fill_ahead(key)
         finally:
             self._readahead_in_flight -= 1
-        if self.store.get(key) is block:  # stored by this fill, not by a reader's
+
+    async def _fill_ahead(self, key: BlockKey) -> Block:
+        """A fill for no reader yet: its block counts as unread until a reader takes it
+        (marked before any waiter wakes, so a reader's take is never undone)."""
+        already = self.store.get(key)
+        block = await self._fill(key)
+        if block is not already:
             block.unread = True
         return block
 

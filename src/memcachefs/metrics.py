@@ -69,6 +69,7 @@ def statistics_classes() -> dict[str, list[type]]:
         membership,
         metadata,
         pagecache,
+        prefetch,
         source,
     )
     from memcachefs.peers import client, server
@@ -82,6 +83,7 @@ def statistics_classes() -> dict[str, list[type]]:
             handles.HandleStatistics,
             fs.FilesystemStatistics,
             pagecache.PageCacheStatistics,
+            prefetch.PrefetchStatistics,
         ],
         "cluster": [membership.MembershipStatistics, client.PeerClientStatistics],
         "peer_server": [server.PeerServerStatistics],
