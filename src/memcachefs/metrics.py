@@ -164,6 +164,13 @@ def format_report(stats: dict[str, Any]) -> str:
             f"page cache  {format_size(stats['page_cache_pushed_bytes'])} pushed on "
             f"{stats.get('page_cache_pushes', 0)} opens"
         )
+    if "prefetches" in stats:
+        lines.append(
+            f"prefetch    {stats['prefetches']} files, {stats.get('prefetch_fills', 0)} blocks "
+            f"filled ahead, {stats.get('prefetch_errors', 0)} failed; readahead window "
+            f"{stats.get('readahead_window_blocks', 0)} blocks "
+            f"({stats.get('readahead_evicted_unread', 0)} evicted unread)"
+        )
     if "peer_fetches" in stats:
         lines += _cluster_report(stats)
     return "\n".join(lines)
