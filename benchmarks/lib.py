@@ -345,6 +345,15 @@ def daemon_counters(*daemons: Any) -> dict[str, int]:
     return {key: sum(int(s.get(key, 0)) for s in stats) for key in keys}
 
 
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def fmt(value: float | None, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}{suffix}"
+
+
 # -- what ran where ---------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     info: dict[str, Any] = {

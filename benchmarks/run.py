@@ -3,6 +3,7 @@
     python benchmarks/run.py core   [--size 1G] [--repeat 5] [--source local|s3|DIR] [--rate R]
     python benchmarks/run.py suite  [--size 1G] [--repeat 5] [--cold-repeat 3] [--skip GROUP]
     python benchmarks/run.py rss    [--capacity 512M] [--files 8] [--readers 16] [--duration 30]
+    python benchmarks/run.py switch [--size 256M,1G,2G] [--repeat 5] [--cold-repeat 3]
     python benchmarks/run.py --list
         any preset: [--json F] [--png F] [--markdown F] [--smoke] [--workdir DIR] [--keep]
 
@@ -27,7 +28,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib
-from lib import MiB
+import switch
+from lib import MiB, fmt, table
 from memcachefs.config import format_size
 from memcachefs.testing.harness import fuse_available
 from scenarios import Bench, Record, pressure
@@ -78,7 +80,7 @@ SCENARIOS = {
     (f := line.split(maxsplit=4))[0]: Spec(f[0], f[1], None if f[2] == "-" else f[2], f[3], f[4])
     for line in REGISTRY.strip().splitlines()
 }
-GROUPS = ("baseline", "memcachefs", "cluster", "alternatives")
+GROUPS = ("baseline", "memcachefs", "cluster", "alternatives", "switch")  # switch: its preset
 
 
 @dataclass(frozen=True)
@@ -168,10 +170,6 @@ memcachefs_cold_3_instances   memcachefs_cold_1_instance 0 seconds 3 instances t
 """)  # noqa: E501
 
 
-def not_built(args: argparse.Namespace) -> dict[str, Any]:
-    raise SystemExit("run.py: the switch preset is registered but not built yet")
-
-
 PRESETS: dict[str, Preset] = {
     "core": Preset("core throughput (issue 2 item 16)", CORE, CORE_GOALS),
     "suite": Preset(
@@ -187,23 +185,18 @@ PRESETS: dict[str, Preset] = {
         run=pressure,
         smoke={"capacity": 16 * MiB, "files": 4, "duration": 3.0},
     ),
-    # The model-switch benchmark plugs in here: safetensors loads through the source,
-    # memcachefs cold, a local hit, a remote hit and tmpfs. Register its scenarios in
-    # SCENARIOS, list them and their goals here, and drop `run=not_built`.
-    "switch": Preset("model switch: safetensors loads (planned, not built)", run=not_built),
+    "switch": Preset(
+        "model switch (issue 8 item 3): safetensors loads from the source, memcachefs cold, "
+        "local and remote hits, tmpfs; every load verified (exits 1 on a mismatch)",
+        source="s3",
+        cold_repeat=3,
+        run=switch.run,
+        smoke={"sizes": [8 * MiB]},
+    ),
 }
 
 
 # -- the report ----------------------------------------------------------------------------
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def fmt(value: float | None, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:.2f}{suffix}"
-
-
 HEADER = ["scenario", "what", "median", "min", "max", "n", "x tmpfs", "x ceiling"]
 HEADER += ["daemon peak RSS", "daemon CPU s/GiB"]
 
@@ -281,6 +274,8 @@ def observations(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     if result["preset"] == "rss":
         return rss_markdown(result)
+    if result["preset"] == "switch":
+        return switch.markdown(result)
     load, src = result["load_average"], result["source"]
     source = {
         "local": f"a local directory ({src['dir']}): source_raw reads its disk, "
@@ -315,6 +310,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", *table([result["goals_title"], "measured", "status"], rows)]
     if result["notes"]:
         lines += ["", *[f"- {note}" for note in result["notes"]]]
+    if result.get("switch"):
+        lines += ["", switch.markdown(result["switch"], header=False).rstrip()]
+        lines += [f"- {note}" for note in result["switch"]["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -399,7 +397,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         [m - s["min_gbps"] for m, s in zip(medians, items, strict=True)],
         [s["max_gbps"] - m for m, s in zip(medians, items, strict=True)],
     ]
-    palette = dict(zip(GROUPS, ("tab:gray", "tab:blue", "tab:cyan", "tab:orange"), strict=True))
+    colors = ("tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:green")
+    palette = dict(zip(GROUPS, colors, strict=True))
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(items) + 1.5))
     colors = [palette[s["group"]] for s in items]
     ax.barh([s["name"] for s in items], medians, xerr=errors, capsize=3, color=colors)
@@ -489,7 +488,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("preset", nargs="?", choices=list(PRESETS))
     parser.add_argument("--list", action="store_true", help="list the presets and scenarios")
     add = parser.add_argument
-    add("--size", type=lib.size_arg, default="1G", help="size of each file (1G)")
+    add("--size", help="size of each file (1G); switch: of each checkpoint (256M,1G,2G)")
+    add("--switch-size", default="256M,1G,2G", help="suite: the switch part's checkpoints")
     add("--repeat", type=int, default=5, help="repetitions of the fast scenarios (5)")
     add("--cold-repeat", type=int, help="repetitions of those that read the source")
     add("--source", help="local (default), s3 (the slow source, root), or a directory")
@@ -518,8 +518,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("name a preset, or --list")
     preset = PRESETS[args.preset or "core"]
     args.source = args.source or ("local" if args.smoke else preset.source)
+    try:
+        sizes = [lib.size_arg(x) for x in (args.size or "").split(",") if x.strip()]
+        args.switch_sizes = [lib.size_arg(x) for x in args.switch_size.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--size: {error}")
+    if args.preset == "switch":
+        args.switch_sizes = sizes or args.switch_sizes
+    elif len(sizes) > 1:
+        parser.error("several sizes (--size A,B) are for the switch preset")
+    args.size = sizes[0] if sizes else lib.GiB
+    args.sizes = args.switch_sizes
     if args.smoke:
         args.size, args.repeat, args.cold_repeat = 16 * MiB, 1, 1
+        args.sizes = args.switch_sizes = [8 * MiB]
         vars(args).update(preset.smoke)
     args.cold_repeat = args.cold_repeat or preset.cold_repeat or args.repeat
     if args.repeat < 1 or args.cold_repeat < 1:
@@ -531,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for name, preset in PRESETS.items():
-            print(f"{name}: {preset.what}\n  " + (" ".join(preset.scenarios) or "-"))
+            listed = preset.scenarios or (list(switch.PLACES) if name == "switch" else [])
+            print(f"{name}: {preset.what}\n  " + (" ".join(listed) or "-"))
         for name, spec in SCENARIOS.items():
             print(f"{name:<30} {spec.group:<12} x {spec.ceiling or '-':<18} {spec.what}")
         return 0
@@ -547,6 +560,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with lib.signals(lib.interrupt):
             result = (preset.run or (lambda a: run_scenarios(preset, a)))(args)
+            if args.preset == "suite" and "switch" not in args.skip:
+                lib.eprint("the suite's model-switch part")
+                result["switch"] = switch.run(args)
     except KeyboardInterrupt:
         lib.eprint("interrupted: everything was torn down")
         return 130
@@ -556,9 +572,12 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"preset": args.preset, "command": command, "smoke": args.smoke, "code": code}
     result |= {"machine": lib.machine(), "load_average_end": lib.load_average()}
     result |= {"goals": judge(result, preset.goals), "goals_title": preset.goals_title}
+    if result.get("switch"):  # the suite's switch part: its goals, and its verdict
+        result["switch"] |= {"command": command, "code": code, "machine": result["machine"]}
+        result["ok"] = result["switch"]["ok"]
     if args.json:
         write_json(args.json, result)
-    if args.png and preset.scenarios:
+    if args.png and result.get("order"):
         chart(result, args.png)
     text = markdown(result)
     if args.markdown:

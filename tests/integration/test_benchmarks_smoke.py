@@ -121,6 +121,8 @@ def test_suite_smoke(tmp_path: Path) -> None:
     assert any(g["status"] == "not measured" for g in goals.values())  # rclone, s3fs: need S3
     assert "| goal (issue 4 item 5) | measured | status |" in md
     assert "the alternatives (rclone, s3fs use_cache) need --source s3" in md
+    _check_switch(data["switch"])  # the suite's model-switch part
+    assert "| model-switch goal (issue 8 item 3) | measured | status |" in md
 
 
 @pytest.mark.usefixtures("fuse_required")
@@ -134,13 +136,49 @@ def test_rss_smoke(tmp_path: Path) -> None:
     assert "| result | PASS |" in md
 
 
+@pytest.mark.usefixtures("fuse_required")
+def test_switch_smoke(tmp_path: Path) -> None:
+    """8 MiB checkpoints, one repetition, a local source: every load ran and was verified."""
+    data, md, _ = _run("switch", tmp_path)
+    _check_switch(data)
+    assert "| model-switch goal (issue 8 item 3) | measured | status |" in md
+    assert "| checkpoint | source mount, s | memcachefs cold, s |" in md
+
+
+def _check_switch(data: dict[str, Any]) -> None:
+    assert data["ok"] and data["mismatches"] == []
+    assert data["loaders"][:2] == ["load_file", "safe_open_shuffled"]
+    (checkpoint,) = data["checkpoints"]
+    assert checkpoint["size"] == 8 * 1024 * 1024 and checkpoint["tensors"] > 10
+    places = {"source", "cold", "local_cold", "local_warm", "remote", "tmpfs"}
+    expected = {f"{loader} 8.0M {place}" for loader in data["loaders"] for place in places}
+    expected.add("safe_open_file_order 8.0M cold")
+    assert set(data["scenarios"]) == expected
+    for name, scenario in data["scenarios"].items():
+        assert scenario["repetitions"] == 1, name
+        assert scenario["extra"]["verified"] == [True], name  # the digest of the tmpfs load
+        assert scenario["bytes_per_read"] == checkpoint["bytes"], name
+    assert data["verified_loads"] == len(expected)
+    for loader in data["loaders"]:
+        cold = data["scenarios"][f"{loader} 8.0M cold"]["counters"]
+        assert cold["source_bytes"] == [checkpoint["bytes"]]
+        remote = data["scenarios"][f"{loader} 8.0M remote"]["counters"]
+        assert remote["peer_bytes"] == [checkpoint["bytes"]] and remote["source_bytes"] == [0]
+    goals = data["switch_goals"]
+    assert len(goals) == 3 * len(data["loaders"]) + 1
+    assert all(g["ratio"] and g["ratio"] > 0 for g in goals), goals
+
+
 def test_presets_are_registered() -> None:
     listing = subprocess.run(
         [sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, check=True
     ).stdout
     for preset in ("core:", "suite:", "rss:", "switch:"):
         assert preset in listing
-    switch = subprocess.run(
-        [sys.executable, str(RUNNER), "switch"], capture_output=True, text=True, check=False
+    several = subprocess.run(
+        [sys.executable, str(RUNNER), "core", "--size", "1M,2M"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    assert switch.returncode != 0 and "not built" in switch.stderr
+    assert several.returncode == 2 and "for the switch preset" in several.stderr
