@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import select
 import signal
 import socket
@@ -228,6 +229,16 @@ def loopback_tcp(nbytes: int, buffer_size: int = 4 * MiB) -> Sample:
     if errors or total != nbytes:
         raise RuntimeError(f"loopback TCP moved {total} of {nbytes} bytes: {errors}")
     return Sample(total, seconds)
+
+
+def secret_file(folder: Path) -> Path:
+    """A cluster secret, mode 0600, for the instances of one run."""
+    path = folder / "cluster.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
 
 
 def free_port() -> int:

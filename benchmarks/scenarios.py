@@ -94,6 +94,7 @@ class Bench:
         self.model_size = 0
         self.with_model = bool(MODEL_SCENARIOS & set(records))
         self.source, self.capacity = self.work / "data", ""  # set by prepare()
+        self.secret: Path | None = None  # the cluster secret (mode 0600), made when needed
 
     # -- helpers
     def wants(self, name: str) -> bool:
@@ -334,11 +335,13 @@ class Bench:
                     "memcachefs_ttfb_cold", lambda: lib.first_byte(path), pids=[daemon.pid]
                 )
 
-    @staticmethod
-    def peering(port: int, *peers: int) -> list[str]:
-        """memcachefs options: listen on `port` of loopback, ask `peers`."""
+    def peering(self, port: int, *peers: int) -> list[str]:
+        """memcachefs options: listen on `port` of loopback, ask `peers`, one shared secret."""
         asks = [arg for peer in peers for arg in ("--peer", f"127.0.0.1:{peer}")]
-        return ["--listen", f"127.0.0.1:{port}", *asks]
+        if self.secret is None:
+            self.secret = lib.secret_file(self.work)
+            self.created.append(self.secret)
+        return ["--listen", f"127.0.0.1:{port}", *asks, "--cluster-secret-file", str(self.secret)]
 
     def cluster(self) -> None:
         if self.wants("memcachefs_remote_hit"):

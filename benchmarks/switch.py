@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
 import statistics
@@ -172,16 +171,6 @@ def torch_available() -> bool:
     return True
 
 
-def secret_file(folder: Path) -> Path:
-    """A cluster secret, mode 0600, for the instances of one run."""
-    path = folder / "cluster.secret"
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32) + "\n")
-    return path
-
-
 # -- the run ------------------------------------------------------------------------------------
 @dataclass
 class Checkpoint:
@@ -315,7 +304,7 @@ class Switch:
             ckpt.bytes, ckpt.order = path.stat().st_size, tuple(file_order(path))
         total = sum(c.bytes for c in self.checkpoints)  # the main daemon holds every file
         self.capacity = str(max(total + total // 4, 64 * MiB) // MiB * MiB)
-        self.secret = secret_file(self.work)
+        self.secret = lib.secret_file(self.work)
         self.created.append(self.secret)
         os.sync()
         if mode == "s3":
