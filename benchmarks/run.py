@@ -1,6 +1,8 @@
 """The benchmark runner: a registry of scenarios, and presets that pick and judge them.
 
     python benchmarks/run.py core   [--size 1G] [--repeat 5] [--source local|s3|DIR] [--rate R]
+                                    [--profile link|object-store] [--latency-ms MS]
+                                    [--per-connection-rate R]
     python benchmarks/run.py suite  [--size 1G] [--repeat 5] [--cold-repeat 3] [--skip GROUP]
     python benchmarks/run.py rss    [--capacity 512M] [--files 8] [--readers 16] [--duration 30]
     python benchmarks/run.py switch [--size 256M,1G,2G] [--repeat 5] [--cold-repeat 3]
@@ -28,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib
+import slowsource
 import switch
 from lib import MiB, fmt, table
 from memcachefs.config import format_size
@@ -280,8 +283,7 @@ def markdown(result: dict[str, Any]) -> str:
     source = {
         "local": f"a local directory ({src['dir']}): source_raw reads its disk, "
         + ("page cache dropped before each read" if result["global_drop_caches"] else "cached"),
-        "s3": f"s3rver in a network namespace capped with tc tbf at {src['rate'] or 'no limit'}, "
-        "mounted with s3fs ro,direct_io",
+        "s3": slowsource.describe(src),
     }.get(src["mode"], f"the directory {src['dir']}")
     model = f" and a {format_size(result['model_bytes'])}iB safetensors file" * bool(
         result["model_bytes"]
@@ -414,7 +416,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     src = result["source"]
     ax.set_title(
         f"memcachefs {result['preset']}: {result['size_bytes'] / MiB:.0f} MiB, source "
-        f"{src['rate'] or 'uncapped' if src['mode'] == 's3' else src['mode']}, "
+        f"{src['rate'] or 'uncapped' if src['mode'] == 's3' else src['mode']}"
+        f"{' ' + src['profile'] if src.get('profile') == 'object-store' else ''}, "
         f"load {result['load_average']['median_1m']:.1f}",
         fontsize=9,
     )
@@ -466,8 +469,7 @@ def run_scenarios(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
         "source": {
             "mode": args.source if args.source in ("local", "s3") else "dir",
             "dir": str(bench.source),
-            "rate": bench.src.rate if bench.src else None,
-            "endpoint": bench.src.endpoint if bench.src else None,
+            **slowsource.summary(bench.src),
         },
         "load_average": {
             "start": load_start,
@@ -494,7 +496,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--cold-repeat", type=int, help="repetitions of those that read the source")
     add("--source", help="local (default), s3 (the slow source, root), or a directory")
     add("--source-file", default="data.bin", help="the data file's name in the source")
-    add("--rate", default=DEFAULT_RATE, help="s3 source egress cap, tc syntax (0: none)")
+    add(
+        "--rate",
+        help=f"s3 source egress cap, tc syntax, 0: none ({DEFAULT_RATE}; object-store 2gbit)",
+    )
+    slowsource.add_profile_arguments(parser)
     add("--source-workdir", default="/var/tmp/memcachefs-slowsource", help="s3 work directory")
     add("--buffer", type=lib.size_arg, default=MiB, help="read size (1M)")
     add("--read-ahead-kb", type=int, default=1024, help="kernel readahead of the mounts")
@@ -551,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     preset = PRESETS[args.preset]
     if problem := fuse_available():
         lib.eprint(f"error: {problem}")
+        return 2
+    if args.profile != "link" and args.source != "s3":
+        lib.eprint("error: --profile is a profile of the S3 slow source: add --source s3")
         return 2
     if args.source == "s3" and os.geteuid() != 0:
         lib.eprint("error: the S3 slow source needs root (or pass --source local)")

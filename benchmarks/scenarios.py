@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lib
+import slowsource
 from lib import MiB, Sample
 from memcachefs.testing.harness import MountedFS, mount
 from slowsource import SlowSource
@@ -209,7 +210,11 @@ class Bench:
         if mode == "s3":
             files = [folder / name for name, _ in writers]
             workdir = Path(self.args.source_workdir)
-            self.src = stack.enter_context(SlowSource(files, rate=self.args.rate, workdir=workdir))
+            self.src = stack.enter_context(
+                SlowSource(
+                    files, rate=self.args.rate, workdir=workdir, **slowsource.profile(self.args)
+                )
+            )
             self.source = self.src.mountpoint
         else:
             self.source = folder

@@ -41,8 +41,8 @@ from typing import Any
 import numpy as np
 
 import lib
+import slowsource
 from lib import MiB, fmt, table
-from memcachefs.config import format_size
 from memcachefs.testing.harness import MountedFS, mount
 from scenarios import Record
 from slowsource import SlowSource
@@ -72,8 +72,16 @@ GOALS = (
 SHUFFLED_GOAL = "shuffled-order cold load >= 0.9x the file-order cold load"
 
 
+def size_label(size: int) -> str:
+    """256M, 1G, 1536M: the size as --size writes it."""
+    for unit, n in (("G", lib.GiB), ("M", MiB), ("K", 1024)):
+        if size % n == 0:
+            return f"{size // n}{unit}"
+    return str(size)
+
+
 def name(loader: str, size: int, place: str) -> str:
-    return f"{loader} {format_size(size)} {place}"
+    return f"{loader} {size_label(size)} {place}"
 
 
 # -- checkpoints --------------------------------------------------------------------------
@@ -191,7 +199,7 @@ class Switch:
             torch_available()
         )
         self.checkpoints = [
-            Checkpoint(size, f"model-{format_size(size)}.safetensors") for size in args.sizes
+            Checkpoint(size, f"model-{size_label(size)}.safetensors") for size in args.sizes
         ]
         self.records: dict[str, Record] = {}
         self.mismatches: list[str] = []
@@ -298,7 +306,7 @@ class Switch:
         for ckpt in self.checkpoints:
             path = folder / ckpt.file
             if mode in ("local", "s3") or not path.exists():
-                lib.eprint(f"writing {path} (about {format_size(ckpt.size)}iB)")
+                lib.eprint(f"writing {path} (about {size_label(ckpt.size)})")
                 self.created.append(write_checkpoint(path, ckpt.size))
             shutil.copyfile(path, self.shm / ckpt.file)
             ckpt.bytes, ckpt.order = path.stat().st_size, tuple(file_order(path))
@@ -310,7 +318,11 @@ class Switch:
         if mode == "s3":
             files = [folder / c.file for c in self.checkpoints]
             workdir = Path(self.args.source_workdir)
-            self.src = stack.enter_context(SlowSource(files, rate=self.args.rate, workdir=workdir))
+            self.src = stack.enter_context(
+                SlowSource(
+                    files, rate=self.args.rate, workdir=workdir, **slowsource.profile(self.args)
+                )
+            )
             self.source = self.src.mountpoint
         else:
             self.source = folder
@@ -411,14 +423,14 @@ def speed_ratio(result: dict[str, Any], a: str, b: str) -> float | None:
 def judge(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for size in result["sizes"]:
-        label = f"{format_size(size)}iB"
+        tag = size_label(size)
         for loader in result["loaders"]:
             for place, base, target, text in GOALS:
                 r = speed_ratio(result, name(loader, size, place), name(loader, size, base))
-                out.append((f"{label} {loader}: {text}", r, target))
+                out.append((f"{tag} {loader}: {text}", r, target))
         shuffled, ordered = (name(lo, size, "cold") for lo in LOADERS if lo.startswith("safe_"))
         out.append(
-            (f"{label} safe_open: {SHUFFLED_GOAL}", speed_ratio(result, shuffled, ordered), 0.9)
+            (f"{tag} safe_open: {SHUFFLED_GOAL}", speed_ratio(result, shuffled, ordered), 0.9)
         )
     return [
         {
@@ -461,8 +473,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "source": {
             "mode": args.source if args.source in ("local", "s3") else "dir",
             "dir": str(bench.source),
-            "rate": bench.src.rate if bench.src else None,
-            "endpoint": bench.src.endpoint if bench.src else None,
+            **slowsource.summary(bench.src),
         },
         "load_average": {
             "start": load_start,
@@ -501,10 +512,8 @@ def tables(result: dict[str, Any]) -> list[str]:
                 speed_ratio(result, name(loader, size, a), name(loader, size, b))
                 for a, b in (("cold", "source"), ("local_cold", "tmpfs"), ("remote", "local_cold"))
             ]
-            label = (
-                f"{format_size(size)}iB ({ckpt['bytes'] / MiB:.0f} MiB, {ckpt['tensors']} tensors)"
-            )
-            rows.append([label, *cells, *(fmt(r, "x") for r in ratios)])
+            row = f"{size_label(size)} ({ckpt['bytes'] / MiB:.0f} MiB, {ckpt['tensors']} tensors)"
+            rows.append([row, *cells, *(fmt(r, "x") for r in ratios)])
         lines += [
             "",
             f"`{LOADERS[loader]}`, median seconds of a whole load:",
@@ -517,7 +526,7 @@ def tables(result: dict[str, Any]) -> list[str]:
         a, b = name("safe_open_shuffled", size, "cold"), name("safe_open_file_order", size, "cold")
         order_rows.append(
             [
-                f"{format_size(size)}iB",
+                f"{size_label(size)}",
                 seconds(median_s(result, a)),
                 seconds(median_s(result, b)),
                 fmt(speed_ratio(result, a, b), "x"),
@@ -557,8 +566,7 @@ def markdown(result: dict[str, Any], *, header: bool = True) -> str:
     src = result["source"]
     source = {
         "local": f"a local directory ({src['dir']}), page cache dropped before each source read",
-        "s3": f"s3rver in a network namespace capped with tc tbf at {src['rate'] or 'no limit'}, "
-        "mounted with s3fs ro,direct_io",
+        "s3": slowsource.describe(src),
     }.get(src["mode"], f"the directory {src['dir']}")
     sizes = ", ".join(
         f"{c['bytes'] / MiB:.0f} MiB ({c['tensors']} tensors)" for c in result["checkpoints"]

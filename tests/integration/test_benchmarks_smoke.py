@@ -151,8 +151,8 @@ def _check_switch(data: dict[str, Any]) -> None:
     (checkpoint,) = data["checkpoints"]
     assert checkpoint["size"] == 8 * 1024 * 1024 and checkpoint["tensors"] > 10
     places = {"source", "cold", "local_cold", "local_warm", "remote", "tmpfs"}
-    expected = {f"{loader} 8.0M {place}" for loader in data["loaders"] for place in places}
-    expected.add("safe_open_file_order 8.0M cold")
+    expected = {f"{loader} 8M {place}" for loader in data["loaders"] for place in places}
+    expected.add("safe_open_file_order 8M cold")
     assert set(data["scenarios"]) == expected
     for name, scenario in data["scenarios"].items():
         assert scenario["repetitions"] == 1, name
@@ -160,9 +160,9 @@ def _check_switch(data: dict[str, Any]) -> None:
         assert scenario["bytes_per_read"] == checkpoint["bytes"], name
     assert data["verified_loads"] == len(expected)
     for loader in data["loaders"]:
-        cold = data["scenarios"][f"{loader} 8.0M cold"]["counters"]
+        cold = data["scenarios"][f"{loader} 8M cold"]["counters"]
         assert cold["source_bytes"] == [checkpoint["bytes"]]
-        remote = data["scenarios"][f"{loader} 8.0M remote"]["counters"]
+        remote = data["scenarios"][f"{loader} 8M remote"]["counters"]
         assert remote["peer_bytes"] == [checkpoint["bytes"]] and remote["source_bytes"] == [0]
     goals = data["switch_goals"]
     assert len(goals) == 3 * len(data["loaders"]) + 1
