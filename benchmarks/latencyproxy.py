@@ -18,7 +18,8 @@ Python. The slow-source harness runs it inside its namespace, in front of s3rver
     python benchmarks/latencyproxy.py --listen 10.203.0.2:4569 --upstream 10.203.0.2:4568 \\
         --latency-ms 30 --per-connection-rate 200mbit
 
-It prints ``ready`` once it listens, and exits on SIGTERM/SIGINT.
+It prints ``ready`` once it listens, and exits on SIGTERM/SIGINT (SIGUSR1: its counters,
+as one JSON line on stderr; again at exit).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import re
 import signal
 import sys
@@ -76,10 +78,17 @@ class Pacer:
 class Proxy:
     def __init__(self, upstream: tuple[str, int], latency_s: float, rate: float) -> None:
         self.upstream, self.latency_s, self.rate = upstream, latency_s, rate
-        self.connections = 0
+        self.connections = self.requests = self.sent = self.open = self.most_open = 0
+
+    def counters(self) -> dict[str, int]:
+        """Connections, requests (first bytes after an answer), bytes sent, most open at once."""
+        keys = ("connections", "requests", "sent", "most_open")
+        return {key: getattr(self, key) for key in keys}
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
         try:
             server_r, server_w = await asyncio.open_connection(*self.upstream)
         except OSError:
@@ -89,8 +98,10 @@ class Proxy:
 
         async def up() -> None:  # client -> server: each request waits the latency
             while chunk := await client_r.read(CHUNK):
-                if answered[0] and self.latency_s:
-                    await asyncio.sleep(self.latency_s)
+                if answered[0]:
+                    self.requests += 1
+                    if self.latency_s:
+                        await asyncio.sleep(self.latency_s)
                 answered[0] = False
                 server_w.write(chunk)
                 await server_w.drain()
@@ -102,6 +113,7 @@ class Proxy:
             while chunk := await server_r.read(CHUNK):
                 answered[0] = True
                 await pacer.take(len(chunk))
+                self.sent += len(chunk)
                 client_w.write(chunk)
                 await client_w.drain()
             with contextlib.suppress(OSError):
@@ -115,6 +127,7 @@ class Proxy:
                     t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            self.open -= 1
             for writer in (client_w, server_w):
                 writer.close()
                 with contextlib.suppress(OSError, ConnectionError):
@@ -131,9 +144,13 @@ async def serve(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(
+        signal.SIGUSR1, lambda: print(json.dumps(proxy.counters()), file=sys.stderr, flush=True)
+    )
     print("ready", flush=True)
     async with server:
         await stop.wait()
+    print(json.dumps(proxy.counters()), file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -249,6 +249,14 @@ def observations(result: dict[str, Any]) -> list[str]:
         if counters.get("source_tx_bytes") and "source_raw" in (name, s["ceiling"]) and n:
             sent = ", ".join(f"{b / n:.3f}x" for b in counters["source_tx_bytes"])
             found.append(f"{name}: the source sent {sent} the file size {per_read}")
+        if counters.get("source_requests") and "source_raw" in (name, s["ceiling"]) and n:
+            requests = ", ".join(str(r) for r in counters["source_requests"])
+            conns = ", ".join(str(c) for c in counters.get("source_connections", []))
+            mib = statistics.median(counters["source_requests"])
+            found.append(
+                f"{name}: {requests} HTTP requests ({n / mib / MiB:.2f} MiB each, median) on "
+                f"{conns} new connections per read (the object-store proxy's counters)"
+            )
         if name.startswith("memcachefs_cold_") and counters.get("source_bytes"):
             read = ", ".join(f"{b / n:.3f}x" for b in counters["source_bytes"])
             walls = ", ".join(f"{x:.2f}" for x in s["samples_s"])

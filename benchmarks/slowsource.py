@@ -183,12 +183,14 @@ class SlowSource:
         profile: str = "link",
         latency_ms: float | None = None,
         per_connection_rate: str | None = None,
+        s3fs_options: list[str] | None = None,
     ) -> None:
         if profile not in PROFILES:
             raise SlowSourceError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
         store = profile == "object-store"
         self.files = [Path(f).resolve() for f in files]
         self.profile = profile
+        self.s3fs_options = list(s3fs_options or [])
         rate = rate if rate is not None else OBJECT_STORE["rate"] if store else DEFAULT_RATE
         self.rate = None if str(rate).strip() in ("", "0", "none", "None") else str(rate)
         if self.rate and self.rate.isdigit():
@@ -233,7 +235,8 @@ class SlowSource:
             self._network()
             self._populate()
             self._serve()
-            self.clients.append(self._s3fs(self.mountpoint, "direct_io").start())
+            source = self._s3fs(self.mountpoint, "direct_io", *self.s3fs_options)
+            self.clients.append(source.start())
         except BaseException:
             self.close()
             raise
@@ -350,6 +353,24 @@ class SlowSource:
         out = _run("ip", "-n", NETNS, "-s", "-j", "link", "show", "dev", VETH_NS)
         return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
 
+    def proxy_counters(self) -> dict[str, int]:
+        """The object-store proxy's requests and connections so far (empty for `link`)."""
+        if not self.proxy or self.proxy.poll() is not None:
+            return {}
+        log = self.workdir / "latencyproxy.log"
+        size = log.stat().st_size
+        self.proxy.send_signal(signal.SIGUSR1)  # it answers with one JSON line in its log
+        if not lib.wait_until(lambda: log.stat().st_size > size, 5):
+            return {}
+        with contextlib.suppress(ValueError, IndexError):
+            line = log.read_bytes()[size:].decode(errors="replace").splitlines()[-1]
+            counters = json.loads(line)
+            return {
+                "requests": int(counters["requests"]),
+                "connections": int(counters["connections"]),
+            }
+        return {}
+
     def alternative(self, label: str) -> FuseClient:
         """rclone (--vfs-cache-mode full) or s3fs_cache (use_cache), cache on /dev/shm; started."""
         cache, mountpoint = self.shm_dir / f"{label}-cache", self.workdir / "mnt" / label
@@ -455,7 +476,7 @@ def teardown(workdir: Path = WORKDIR, shm_dir: Path = SHM_DIR) -> None:
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     """SlowSource's profile keywords from add_profile_arguments()'s options."""
     keys = ("profile", "latency_ms", "per_connection_rate")
-    return {key: getattr(args, key) for key in keys}
+    return {key: getattr(args, key) for key in keys} | {"s3fs_options": args.s3fs_option}
 
 
 def summary(src: SlowSource | None) -> dict[str, Any]:
@@ -463,6 +484,7 @@ def summary(src: SlowSource | None) -> dict[str, Any]:
     if src is None:
         return {"rate": None, "endpoint": None, "profile": None}
     out = {"rate": src.rate, "endpoint": src.endpoint, "profile": src.profile}
+    out["s3fs_options"] = src.s3fs_options
     if src.profile == "object-store":
         out |= {"latency_ms": src.latency_ms, "per_connection_rate": src.per_connection_rate}
     return out
@@ -476,7 +498,8 @@ def describe(src: dict[str, Any]) -> str:
             f", behind a proxy adding {src['latency_ms']:g} ms to each request and capping each "
             f"connection at {src['per_connection_rate']} (profile object-store)"
         )
-    return text + ", mounted with s3fs ro,direct_io"
+    extra = "".join(f",{option}" for option in src.get("s3fs_options") or [])
+    return text + f", mounted with s3fs ro,direct_io{extra}"
 
 
 def status(workdir: Path) -> dict[str, Any]:
@@ -501,6 +524,12 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     add("--profile", choices=PROFILES, default="link", help="the source's shape (link)")
     add("--latency-ms", type=float, help="object-store: added to each request (30)")
     add("--per-connection-rate", help="object-store: each connection's cap, tc syntax (200mbit)")
+    add(
+        "--s3fs-option",
+        action="append",
+        default=[],
+        help="an extra -o option of the source's s3fs mount (repeatable), e.g. parallel_count=16",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

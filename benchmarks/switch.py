@@ -238,11 +238,15 @@ class Switch:
         cpu0 = sum(lib.cpu_seconds(pid) for pid in pids)
         counters0 = lib.daemon_counters(*daemons) if daemons else {}
         tx0 = self.src.tx_bytes() if self.src else None
+        proxy0 = self.src.proxy_counters() if self.src else {}
         start = time.perf_counter()
         tensors = load(loader, path, ckpt.order, seed)
         seconds = time.perf_counter() - start
         if tx0 is not None and self.src:
             record.counters.setdefault("source_tx_bytes", []).append(self.src.tx_bytes() - tx0)
+            for key, value in self.src.proxy_counters().items():  # object-store profile
+                if key in proxy0:
+                    record.counters.setdefault(f"source_{key}", []).append(value - proxy0[key])
         if pids:
             record.daemon_cpu_s.append(sum(lib.cpu_seconds(pid) for pid in pids) - cpu0)
             peak = max(lib.proc_bytes("VmHWM", pid) for pid in pids)
