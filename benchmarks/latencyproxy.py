@@ -86,6 +86,10 @@ class Proxy:
         return {key: getattr(self, key) for key in keys}
 
     async def handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.CancelledError):  # at exit: connections still open
+            await self.relay(client_r, client_w)
+
+    async def relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.open += 1
         self.most_open = max(self.most_open, self.open)
