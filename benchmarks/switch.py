@@ -96,7 +96,9 @@ def layout(size: int) -> list[tuple[str, str, tuple[int, ...]]]:
     mlp = hidden * 11 // 8
     layer = 4 * hidden * hidden * 2 + 3 * hidden * mlp * 2 + 2 * hidden * 4
     embed = vocab * hidden * 2
-    tensors = [("model.embed_tokens.weight", "F16", (vocab, hidden))]
+    tensors: list[tuple[str, str, tuple[int, ...]]] = [
+        ("model.embed_tokens.weight", "F16", (vocab, hidden))
+    ]
     for i in range(max(1, round((size - embed) / layer))):
         p = f"model.layers.{i}"
         tensors += [(f"{p}.input_layernorm.weight", "F32", (hidden,))]
@@ -166,7 +168,7 @@ def digest(tensors: dict[str, Any]) -> str:
             value = value.numpy()
         array = np.ascontiguousarray(value)
         h.update(f"{key}|{array.dtype.str}|{array.shape}|".encode())
-        h.update(memoryview(array.reshape(-1).view(np.uint8)))
+        h.update(array.reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 
