@@ -14,8 +14,9 @@ whole load:
 
 ``safe_open`` in file order is also timed cold, as the base of the shuffled-order
 goal. Every load is hashed (SHA-256 of each tensor's name, dtype, shape and
-bytes), outside the timed window, and compared with the tmpfs load of the same
-file: a mismatch fails the run (exit 1).
+bytes), outside the timed window, and compared with a first, untimed load of the
+same file from tmpfs: a mismatch fails the run (exit 1). The tmpfs loads are
+timed interleaved with the local hits, repetition by repetition.
 """
 
 # The lambdas handed to measure() run before it returns: loop variables are safe.
@@ -257,8 +258,6 @@ class Switch:
             record.counters.setdefault(key, []).append(value - counters0.get(key, 0))
         found = digest(tensors)
         del tensors
-        if not ckpt.reference:  # the first load of a checkpoint is its tmpfs load_file
-            ckpt.reference = found
         verified = found == ckpt.reference
         record.extra.setdefault("verified", []).append(verified)
         if not verified:
@@ -334,12 +333,10 @@ class Switch:
             self.source = folder
         lib.eprint(f"source: {self.source}; loaders: {', '.join(self.loaders)}")
 
-    def tmpfs(self) -> None:
-        """First: the first tmpfs load_file of each checkpoint gives its reference digest."""
-        for rep in range(self.args.repeat):
-            for ckpt in self.checkpoints:
-                for loader in self.loaders:
-                    self.measure(loader, ckpt, "tmpfs", self.shm / ckpt.file, seed=rep)
+    def references(self) -> None:
+        """First: the digest of each checkpoint's tmpfs load (load_file), untimed."""
+        for ckpt in self.checkpoints:
+            ckpt.reference = digest(load("load_file", self.shm / ckpt.file, ckpt.order, 0))
 
     def source_loads(self) -> None:
         """Before any daemon: s3fs serves a file from its own memory while it is open."""
@@ -370,10 +367,13 @@ class Switch:
             if main.stats()["used_bytes"] < sum(c.bytes for c in self.checkpoints):
                 self.notes.append("warning: the main daemon does not hold every checkpoint")
             for rep in range(self.args.repeat):
-                lib.eprint(f"local hits {rep + 1}/{self.args.repeat} (load {lib.load_average()})")
+                lib.eprint(
+                    f"tmpfs and local hits {rep + 1}/{self.args.repeat} (load {lib.load_average()})"
+                )
                 for ckpt in self.checkpoints:
                     path = main.path / ckpt.file
-                    for loader in self.loaders:
+                    for loader in self.loaders:  # tmpfs interleaved: drift hits both alike
+                        self.measure(loader, ckpt, "tmpfs", self.shm / ckpt.file, seed=rep)
                         self.measure(
                             loader, ckpt, "local_cold", path, seed=rep, drop=True, daemons=[main]
                         )
@@ -399,7 +399,7 @@ class Switch:
         with contextlib.ExitStack() as stack:
             try:
                 self.prepare(stack)
-                self.tmpfs()
+                self.references()
                 self.source_loads()
                 self.cold()
                 self.hits()
