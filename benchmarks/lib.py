@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import random
+import secrets
 import select
 import signal
 import socket
@@ -230,6 +231,16 @@ def loopback_tcp(nbytes: int, buffer_size: int = 4 * MiB) -> Sample:
     return Sample(total, seconds)
 
 
+def secret_file(folder: Path) -> Path:
+    """A cluster secret, mode 0600, for the instances of one run."""
+    path = folder / "cluster.secret"
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32) + "\n")
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -343,6 +354,15 @@ def daemon_counters(*daemons: Any) -> dict[str, int]:
     keys = ("memory_bytes", "source_bytes", "peer_bytes")
     stats = [json.loads(os.getxattr(daemon.path, STATS_XATTR)) for daemon in daemons]
     return {key: sum(int(s.get(key, 0)) for s in stats) for key in keys}
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def fmt(value: float | None, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.2f}{suffix}"
 
 
 # -- what ran where ---------------------------------------------------------------------

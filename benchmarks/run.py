@@ -1,8 +1,11 @@
 """The benchmark runner: a registry of scenarios, and presets that pick and judge them.
 
     python benchmarks/run.py core   [--size 1G] [--repeat 5] [--source local|s3|DIR] [--rate R]
+                                    [--profile link|object-store] [--latency-ms MS]
+                                    [--per-connection-rate R]
     python benchmarks/run.py suite  [--size 1G] [--repeat 5] [--cold-repeat 3] [--skip GROUP]
     python benchmarks/run.py rss    [--capacity 512M] [--files 8] [--readers 16] [--duration 30]
+    python benchmarks/run.py switch [--size 256M,1G,2G] [--repeat 5] [--cold-repeat 3]
     python benchmarks/run.py --list
         any preset: [--json F] [--png F] [--markdown F] [--smoke] [--workdir DIR] [--keep]
 
@@ -27,7 +30,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib
-from lib import MiB
+import slowsource
+import switch
+from lib import MiB, fmt, table
 from memcachefs.config import format_size
 from memcachefs.testing.harness import fuse_available
 from scenarios import Bench, Record, pressure
@@ -78,7 +83,7 @@ SCENARIOS = {
     (f := line.split(maxsplit=4))[0]: Spec(f[0], f[1], None if f[2] == "-" else f[2], f[3], f[4])
     for line in REGISTRY.strip().splitlines()
 }
-GROUPS = ("baseline", "memcachefs", "cluster", "alternatives")
+GROUPS = ("baseline", "memcachefs", "cluster", "alternatives", "switch")  # switch: its preset
 
 
 @dataclass(frozen=True)
@@ -168,10 +173,6 @@ memcachefs_cold_3_instances   memcachefs_cold_1_instance 0 seconds 3 instances t
 """)  # noqa: E501
 
 
-def not_built(args: argparse.Namespace) -> dict[str, Any]:
-    raise SystemExit("run.py: the switch preset is registered but not built yet")
-
-
 PRESETS: dict[str, Preset] = {
     "core": Preset("core throughput (issue 2 item 16)", CORE, CORE_GOALS),
     "suite": Preset(
@@ -187,23 +188,18 @@ PRESETS: dict[str, Preset] = {
         run=pressure,
         smoke={"capacity": 16 * MiB, "files": 4, "duration": 3.0},
     ),
-    # The model-switch benchmark plugs in here: safetensors loads through the source,
-    # memcachefs cold, a local hit, a remote hit and tmpfs. Register its scenarios in
-    # SCENARIOS, list them and their goals here, and drop `run=not_built`.
-    "switch": Preset("model switch: safetensors loads (planned, not built)", run=not_built),
+    "switch": Preset(
+        "model switch (issue 8 item 3): safetensors loads from the source, memcachefs cold, "
+        "local and remote hits, tmpfs; every load verified (exits 1 on a mismatch)",
+        source="s3",
+        cold_repeat=3,
+        run=switch.run,
+        smoke={"sizes": [8 * MiB]},
+    ),
 }
 
 
 # -- the report ----------------------------------------------------------------------------
-def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def fmt(value: float | None, suffix: str = "") -> str:
-    return "-" if value is None else f"{value:.2f}{suffix}"
-
-
 HEADER = ["scenario", "what", "median", "min", "max", "n", "x tmpfs", "x ceiling"]
 HEADER += ["daemon peak RSS", "daemon CPU s/GiB"]
 
@@ -253,6 +249,14 @@ def observations(result: dict[str, Any]) -> list[str]:
         if counters.get("source_tx_bytes") and "source_raw" in (name, s["ceiling"]) and n:
             sent = ", ".join(f"{b / n:.3f}x" for b in counters["source_tx_bytes"])
             found.append(f"{name}: the source sent {sent} the file size {per_read}")
+        if counters.get("source_requests") and "source_raw" in (name, s["ceiling"]) and n:
+            requests = ", ".join(str(r) for r in counters["source_requests"])
+            conns = ", ".join(str(c) for c in counters.get("source_connections", []))
+            mib = statistics.median(counters["source_requests"])
+            found.append(
+                f"{name}: {requests} HTTP requests ({n / mib / MiB:.2f} MiB each, median) on "
+                f"{conns} new connections per read (the object-store proxy's counters)"
+            )
         if name.startswith("memcachefs_cold_") and counters.get("source_bytes"):
             read = ", ".join(f"{b / n:.3f}x" for b in counters["source_bytes"])
             walls = ", ".join(f"{x:.2f}" for x in s["samples_s"])
@@ -281,12 +285,13 @@ def observations(result: dict[str, Any]) -> list[str]:
 def markdown(result: dict[str, Any]) -> str:
     if result["preset"] == "rss":
         return rss_markdown(result)
+    if result["preset"] == "switch":
+        return switch.markdown(result)
     load, src = result["load_average"], result["source"]
     source = {
         "local": f"a local directory ({src['dir']}): source_raw reads its disk, "
         + ("page cache dropped before each read" if result["global_drop_caches"] else "cached"),
-        "s3": f"s3rver in a network namespace capped with tc tbf at {src['rate'] or 'no limit'}, "
-        "mounted with s3fs ro,direct_io",
+        "s3": slowsource.describe(src),
     }.get(src["mode"], f"the directory {src['dir']}")
     model = f" and a {format_size(result['model_bytes'])}iB safetensors file" * bool(
         result["model_bytes"]
@@ -315,6 +320,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", *table([result["goals_title"], "measured", "status"], rows)]
     if result["notes"]:
         lines += ["", *[f"- {note}" for note in result["notes"]]]
+    if result.get("switch"):
+        lines += ["", switch.markdown(result["switch"], header=False).rstrip()]
+        lines += [f"- {note}" for note in result["switch"]["notes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -399,7 +407,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
         [m - s["min_gbps"] for m, s in zip(medians, items, strict=True)],
         [s["max_gbps"] - m for m, s in zip(medians, items, strict=True)],
     ]
-    palette = dict(zip(GROUPS, ("tab:gray", "tab:blue", "tab:cyan", "tab:orange"), strict=True))
+    colors = ("tab:gray", "tab:blue", "tab:cyan", "tab:orange", "tab:green")
+    palette = dict(zip(GROUPS, colors, strict=True))
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(items) + 1.5))
     colors = [palette[s["group"]] for s in items]
     ax.barh([s["name"] for s in items], medians, xerr=errors, capsize=3, color=colors)
@@ -415,7 +424,8 @@ def chart(result: dict[str, Any], path: Path) -> None:
     src = result["source"]
     ax.set_title(
         f"memcachefs {result['preset']}: {result['size_bytes'] / MiB:.0f} MiB, source "
-        f"{src['rate'] or 'uncapped' if src['mode'] == 's3' else src['mode']}, "
+        f"{src['rate'] or 'uncapped' if src['mode'] == 's3' else src['mode']}"
+        f"{' ' + src['profile'] if src.get('profile') == 'object-store' else ''}, "
         f"load {result['load_average']['median_1m']:.1f}",
         fontsize=9,
     )
@@ -467,8 +477,7 @@ def run_scenarios(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
         "source": {
             "mode": args.source if args.source in ("local", "s3") else "dir",
             "dir": str(bench.source),
-            "rate": bench.src.rate if bench.src else None,
-            "endpoint": bench.src.endpoint if bench.src else None,
+            **slowsource.summary(bench.src),
         },
         "load_average": {
             "start": load_start,
@@ -489,12 +498,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("preset", nargs="?", choices=list(PRESETS))
     parser.add_argument("--list", action="store_true", help="list the presets and scenarios")
     add = parser.add_argument
-    add("--size", type=lib.size_arg, default="1G", help="size of each file (1G)")
+    add("--size", help="size of each file (1G); switch: of each checkpoint (256M,1G,2G)")
+    add("--switch-size", default="256M,1G,2G", help="suite: the switch part's checkpoints")
     add("--repeat", type=int, default=5, help="repetitions of the fast scenarios (5)")
     add("--cold-repeat", type=int, help="repetitions of those that read the source")
     add("--source", help="local (default), s3 (the slow source, root), or a directory")
     add("--source-file", default="data.bin", help="the data file's name in the source")
-    add("--rate", default=DEFAULT_RATE, help="s3 source egress cap, tc syntax (0: none)")
+    add(
+        "--rate",
+        help=f"s3 source egress cap, tc syntax, 0: none ({DEFAULT_RATE}; object-store 2gbit)",
+    )
+    slowsource.add_profile_arguments(parser)
     add("--source-workdir", default="/var/tmp/memcachefs-slowsource", help="s3 work directory")
     add("--buffer", type=lib.size_arg, default=MiB, help="read size (1M)")
     add("--read-ahead-kb", type=int, default=1024, help="kernel readahead of the mounts")
@@ -518,8 +532,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("name a preset, or --list")
     preset = PRESETS[args.preset or "core"]
     args.source = args.source or ("local" if args.smoke else preset.source)
+    try:
+        sizes = [lib.size_arg(x) for x in (args.size or "").split(",") if x.strip()]
+        args.switch_sizes = [lib.size_arg(x) for x in args.switch_size.split(",") if x.strip()]
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--size: {error}")
+    if args.preset == "switch":
+        args.switch_sizes = sizes or args.switch_sizes
+    elif len(sizes) > 1:
+        parser.error("several sizes (--size A,B) are for the switch preset")
+    args.size = sizes[0] if sizes else lib.GiB
+    args.sizes = args.switch_sizes
     if args.smoke:
         args.size, args.repeat, args.cold_repeat = 16 * MiB, 1, 1
+        args.sizes = args.switch_sizes = [8 * MiB]
         vars(args).update(preset.smoke)
     args.cold_repeat = args.cold_repeat or preset.cold_repeat or args.repeat
     if args.repeat < 1 or args.cold_repeat < 1:
@@ -531,13 +557,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.list:
         for name, preset in PRESETS.items():
-            print(f"{name}: {preset.what}\n  " + (" ".join(preset.scenarios) or "-"))
+            listed = preset.scenarios or (list(switch.PLACES) if name == "switch" else [])
+            print(f"{name}: {preset.what}\n  " + (" ".join(listed) or "-"))
         for name, spec in SCENARIOS.items():
             print(f"{name:<30} {spec.group:<12} x {spec.ceiling or '-':<18} {spec.what}")
         return 0
     preset = PRESETS[args.preset]
     if problem := fuse_available():
         lib.eprint(f"error: {problem}")
+        return 2
+    if args.profile != "link" and args.source != "s3":
+        lib.eprint("error: --profile is a profile of the S3 slow source: add --source s3")
         return 2
     if args.source == "s3" and os.geteuid() != 0:
         lib.eprint("error: the S3 slow source needs root (or pass --source local)")
@@ -547,6 +577,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with lib.signals(lib.interrupt):
             result = (preset.run or (lambda a: run_scenarios(preset, a)))(args)
+            if args.preset == "suite" and "switch" not in args.skip:
+                lib.eprint("the suite's model-switch part")
+                result["switch"] = switch.run(args)
     except KeyboardInterrupt:
         lib.eprint("interrupted: everything was torn down")
         return 130
@@ -556,9 +589,12 @@ def main(argv: list[str] | None = None) -> int:
     result |= {"preset": args.preset, "command": command, "smoke": args.smoke, "code": code}
     result |= {"machine": lib.machine(), "load_average_end": lib.load_average()}
     result |= {"goals": judge(result, preset.goals), "goals_title": preset.goals_title}
+    if result.get("switch"):  # the suite's switch part: its goals, and its verdict
+        result["switch"] |= {"command": command, "code": code, "machine": result["machine"]}
+        result["ok"] = result["switch"]["ok"]
     if args.json:
         write_json(args.json, result)
-    if args.png and preset.scenarios:
+    if args.png and result.get("order"):
         chart(result, args.png)
     text = markdown(result)
     if args.markdown:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import lib
+import slowsource
 from lib import MiB, Sample
 from memcachefs.testing.harness import MountedFS, mount
 from slowsource import SlowSource
@@ -94,6 +95,7 @@ class Bench:
         self.model_size = 0
         self.with_model = bool(MODEL_SCENARIOS & set(records))
         self.source, self.capacity = self.work / "data", ""  # set by prepare()
+        self.secret: Path | None = None  # the cluster secret (mode 0600), made when needed
 
     # -- helpers
     def wants(self, name: str) -> bool:
@@ -124,9 +126,13 @@ class Bench:
         cpu0 = sum(lib.cpu_seconds(pid) for pid in pids)
         counters0 = counters() if counters else {}
         tx0 = self.src.tx_bytes() if self.src else None
+        proxy0 = self.src.proxy_counters() if self.src else {}
         sample = operation()
         if tx0 is not None and self.src:
             record.counters.setdefault("source_tx_bytes", []).append(self.src.tx_bytes() - tx0)
+            for key, value in self.src.proxy_counters().items():  # object-store profile
+                if key in proxy0:
+                    record.counters.setdefault(f"source_{key}", []).append(value - proxy0[key])
         if pids:
             record.daemon_cpu_s.append(sum(lib.cpu_seconds(pid) for pid in pids) - cpu0)
             peak = max(lib.proc_bytes("VmHWM", pid) for pid in pids)
@@ -208,7 +214,11 @@ class Bench:
         if mode == "s3":
             files = [folder / name for name, _ in writers]
             workdir = Path(self.args.source_workdir)
-            self.src = stack.enter_context(SlowSource(files, rate=self.args.rate, workdir=workdir))
+            self.src = stack.enter_context(
+                SlowSource(
+                    files, rate=self.args.rate, workdir=workdir, **slowsource.profile(self.args)
+                )
+            )
             self.source = self.src.mountpoint
         else:
             self.source = folder
@@ -335,13 +345,12 @@ class Bench:
                 )
 
     def peering(self, port: int, *peers: int) -> list[str]:
-        """memcachefs options: listen on `port` of loopback, ask `peers` (with a secret)."""
-        secret = self.work / "cluster-secret"
-        if not secret.exists():
-            secret.write_text("benchmark cluster\n")
-            secret.chmod(0o600)
+        """memcachefs options: listen on `port` of loopback, ask `peers`, one shared secret."""
         asks = [arg for peer in peers for arg in ("--peer", f"127.0.0.1:{peer}")]
-        return ["--listen", f"127.0.0.1:{port}", "--cluster-secret-file", str(secret), *asks]
+        if self.secret is None:
+            self.secret = lib.secret_file(self.work)
+            self.created.append(self.secret)
+        return ["--listen", f"127.0.0.1:{port}", *asks, "--cluster-secret-file", str(self.secret)]
 
     def cluster(self) -> None:
         if self.wants("memcachefs_remote_hit"):

@@ -6,6 +6,15 @@
   ``tc tbf`` on the namespace side's egress: everything the server sends is capped;
 * ``s3fs`` mounts the bucket ``ro,direct_io``: that mount is the source.
 
+Two profiles. ``link`` (the default): one capped link, as above. ``object-store``:
+closer to object storage, where each request pays a latency and each connection is
+slower than the link: a delaying, per-connection-throttling TCP proxy
+(``latencyproxy.py``) runs in the namespace on ``10.203.0.2:4569`` in front of
+s3rver, under a higher tbf link cap (``--latency-ms``, ``--per-connection-rate``,
+``--rate``; defaults 30 ms, 200mbit, 2gbit), so that parallel requests pay off.
+``slowsource.py probe`` measures what a profile gives: time to first byte, and the
+throughput of 1, 2, 4, 8 parallel streams.
+
 The namespace side's ``tx_bytes`` is every byte the server sent. The same bucket can
 be mounted by the alternatives a user would choose instead: rclone
 ``--vfs-cache-mode full`` and s3fs ``use_cache``, caches on /dev/shm. Only
@@ -16,7 +25,7 @@ be mounted by the alternatives a user would choose instead: rclone
         with src.alternative("rclone") as alt:  # or "s3fs_cache"
             alt.mountpoint, alt.clear_cache()
 
-CLI (root): ``python benchmarks/slowsource.py install | up FILE... | status | down``.
+CLI (root): ``python benchmarks/slowsource.py install | up FILE... | probe [FILE] | status | down``.
 The namespace is the lock: while it exists (a run, ``up``, or what a killed run
 left) a second start is refused, and ``down`` removes everything by name.
 """
@@ -24,11 +33,14 @@ left) a second start is refused, and ``down`` removes everything by name.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import errno
 import hashlib
+import http.client
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -45,7 +57,11 @@ from memcachefs import mounts
 
 NETNS, VETH_HOST, VETH_NS = "memcachefs-bench", "mcfsb-host", "mcfsb-ns"
 HOST_ADDR, NS_ADDR, PORT = "10.203.0.1", "10.203.0.2", 4568
+PROXY_PORT = 4569  # the object-store profile's proxy, in front of PORT
 DEFAULT_RATE = "400mbit"
+PROFILES = ("link", "object-store")
+# the object-store profile's defaults: link cap, per-request latency, per-connection rate
+OBJECT_STORE = {"rate": "2gbit", "latency_ms": 30.0, "per_connection_rate": "200mbit"}
 BUCKET = "memcachefs-bench"
 KEY = "S3RVER"  # s3rver's built-in access key and secret
 S3RVER_VERSION = "3.7.1"
@@ -161,18 +177,40 @@ class SlowSource:
         self,
         files: list[Path],
         *,
-        rate: str | None = DEFAULT_RATE,
+        rate: str | None = None,
         workdir: Path = WORKDIR,
         shm_dir: Path = SHM_DIR,
+        profile: str = "link",
+        latency_ms: float | None = None,
+        per_connection_rate: str | None = None,
+        s3fs_options: list[str] | None = None,
     ) -> None:
+        if profile not in PROFILES:
+            raise SlowSourceError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+        store = profile == "object-store"
         self.files = [Path(f).resolve() for f in files]
+        self.profile = profile
+        self.s3fs_options = list(s3fs_options or [])
+        rate = rate if rate is not None else OBJECT_STORE["rate"] if store else DEFAULT_RATE
         self.rate = None if str(rate).strip() in ("", "0", "none", "None") else str(rate)
         if self.rate and self.rate.isdigit():
             self.rate += "bit"
+        self.latency_ms = float(OBJECT_STORE["latency_ms"] if latency_ms is None else latency_ms)
+        self.per_connection_rate = str(per_connection_rate or OBJECT_STORE["per_connection_rate"])
+        if not store:
+            self.latency_ms, self.per_connection_rate = 0.0, ""
+        else:
+            from latencyproxy import rate_bytes
+
+            try:
+                rate_bytes(self.per_connection_rate)
+            except ValueError as error:
+                raise SlowSourceError(f"--per-connection-rate: {error}") from None
         self.workdir, self.shm_dir = Path(workdir), Path(shm_dir)
         self.mountpoint = self.workdir / "mnt" / "source"
-        self.endpoint = f"http://{NS_ADDR}:{PORT}"
+        self.endpoint = f"http://{NS_ADDR}:{PROXY_PORT if store else PORT}"
         self.server: subprocess.Popen[bytes] | None = None
+        self.proxy: subprocess.Popen[bytes] | None = None
         self.clients: list[FuseClient] = []
         self.owns = False
 
@@ -197,7 +235,8 @@ class SlowSource:
             self._network()
             self._populate()
             self._serve()
-            self.clients.append(self._s3fs(self.mountpoint, "direct_io").start())
+            source = self._s3fs(self.mountpoint, "direct_io", *self.s3fs_options)
+            self.clients.append(source.start())
         except BaseException:
             self.close()
             raise
@@ -210,6 +249,8 @@ class SlowSource:
         with lib.signals(signal.SIG_IGN):
             for client in reversed(self.clients):
                 client.stop()
+            if self.proxy:
+                lib.stop(self.proxy)
             if self.server:
                 lib.stop(self.server)
             teardown(self.workdir, self.shm_dir)
@@ -225,7 +266,11 @@ class SlowSource:
         _run(*ns, "ip", "link", "set", VETH_NS, "up")
         _run(*ns, "ip", "link", "set", "lo", "up")
         if self.rate:
-            tbf = ("rate", self.rate, "burst", "1mbit", "latency", "50ms")
+            from latencyproxy import rate_bytes
+
+            # burst: 1mbit (the link profile's), more above 400mbit (2.5 ms of the rate)
+            burst = max(125_000, int(rate_bytes(self.rate) / 400))
+            tbf = ("rate", self.rate, "burst", str(burst), "latency", "50ms")
             _run(*ns, "tc", "qdisc", "replace", "dev", VETH_NS, "root", "tbf", *tbf)
 
     def _populate(self) -> None:
@@ -266,6 +311,31 @@ class SlowSource:
 
         if not lib.wait_until(listening, 30) or self.server.poll() is not None:
             raise SlowSourceError(f"s3rver did not listen (log: {self.workdir / 's3rver.log'})")
+        if self.profile == "object-store":
+            self._proxy()
+
+    def _proxy(self) -> None:
+        """latencyproxy.py in the namespace, on PROXY_PORT, in front of s3rver."""
+        argv = ["ip", "netns", "exec", NETNS, sys.executable, str(lib.HERE / "latencyproxy.py")]
+        argv += ["--listen", f"{NS_ADDR}:{PROXY_PORT}", "--upstream", f"{NS_ADDR}:{PORT}"]
+        argv += ["--latency-ms", str(self.latency_ms)]
+        argv += ["--per-connection-rate", self.per_connection_rate]
+        log = open(self.workdir / "latencyproxy.log", "ab")  # noqa: SIM115 (the child holds it)
+        with log:
+            self.proxy = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
+        assert self.proxy.stdout is not None
+        ready = select.select([self.proxy.stdout], [], [], 30)[0]
+        line = self.proxy.stdout.readline().decode(errors="replace") if ready else ""
+        if not line.startswith("ready"):
+            raise SlowSourceError(
+                f"latencyproxy did not start (log: {self.workdir / 'latencyproxy.log'})"
+            )
 
     def _s3fs(self, mountpoint: Path, *options: str) -> FuseClient:
         passwd = self.workdir / "s3fs.passwd"
@@ -282,6 +352,24 @@ class SlowSource:
         """Bytes the storage server has sent (the namespace veth's tx counter)."""
         out = _run("ip", "-n", NETNS, "-s", "-j", "link", "show", "dev", VETH_NS)
         return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def proxy_counters(self) -> dict[str, int]:
+        """The object-store proxy's requests and connections so far (empty for `link`)."""
+        if not self.proxy or self.proxy.poll() is not None:
+            return {}
+        log = self.workdir / "latencyproxy.log"
+        size = log.stat().st_size
+        self.proxy.send_signal(signal.SIGUSR1)  # it answers with one JSON line in its log
+        if not lib.wait_until(lambda: log.stat().st_size > size, 5):
+            return {}
+        with contextlib.suppress(ValueError, IndexError):
+            line = log.read_bytes()[size:].decode(errors="replace").splitlines()[-1]
+            counters = json.loads(line)
+            return {
+                "requests": int(counters["requests"]),
+                "connections": int(counters["connections"]),
+            }
+        return {}
 
     def alternative(self, label: str) -> FuseClient:
         """rclone (--vfs-cache-mode full) or s3fs_cache (use_cache), cache on /dev/shm; started."""
@@ -304,6 +392,68 @@ class SlowSource:
         return client.start()
 
 
+# -- probe: what a profile gives a plain HTTP client -------------------------------------------
+def http_get(
+    endpoint: str, key: str, start: int, length: int, conn: Any = None
+) -> dict[str, float]:
+    """One ranged GET (path style, s3rver needs no signature): seconds to first byte and
+    in all, bytes. On `conn` (kept alive) or a new connection."""
+    host, _, port = endpoint.removeprefix("http://").partition(":")
+    own = conn is None
+    conn = conn or http.client.HTTPConnection(host, int(port), timeout=120)
+    headers = {"Range": f"bytes={start}-{start + length - 1}"}
+    t0 = time.perf_counter()
+    try:
+        conn.request("GET", f"/{BUCKET}/{key}", headers=headers)
+        response = conn.getresponse()
+        first = response.read(1)
+        t1 = time.perf_counter()
+        n = len(first)
+        buf = memoryview(bytearray(1024 * 1024))
+        while (got := response.readinto(buf)) > 0:
+            n += got
+        if response.status not in (200, 206) or n != length:
+            raise SlowSourceError(f"GET {key} {headers}: {response.status}, {n} bytes")
+    finally:
+        if own:
+            conn.close()
+    return {"ttfb_s": t1 - t0, "seconds": time.perf_counter() - t0, "bytes": n}
+
+
+def probe(src: SlowSource, key: str, size: int, streams: list[int], each: int) -> dict[str, Any]:
+    """Time to first byte (new and kept-alive connections), then N parallel streams."""
+    out: dict[str, Any] = {"profile": src.profile, "rate": src.rate, "endpoint": src.endpoint}
+    out |= {"latency_ms": src.latency_ms, "per_connection_rate": src.per_connection_rate}
+    new = [http_get(src.endpoint, key, 0, 4096)["ttfb_s"] for _ in range(5)]
+    host, _, port = src.endpoint.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=120)
+    kept = [http_get(src.endpoint, key, i * 4096, 4096, conn)["ttfb_s"] for i in range(5)]
+    conn.close()
+    out["ttfb_ms_new_connection"] = sorted(1000 * x for x in new)
+    out["ttfb_ms_kept_alive"] = sorted(1000 * x for x in kept)
+    out["streams"] = []
+    for n in streams:
+
+        def one(i: int) -> dict[str, float]:
+            return http_get(src.endpoint, key, i * each % (size - each + 1), each)
+
+        tx0, t0 = src.tx_bytes(), time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n) as pool:
+            results = list(pool.map(one, range(n)))  # raises what a stream raised
+        wall = time.perf_counter() - t0
+        moved = sum(r["bytes"] for r in results)
+        out["streams"].append(
+            {
+                "streams": n,
+                "aggregate_mb_s": moved / wall / 1e6,
+                "per_stream_mb_s": sorted(r["bytes"] / r["seconds"] / 1e6 for r in results),
+                "tx_over_payload": (src.tx_bytes() - tx0) / moved,
+            }
+        )
+        lib.eprint(f"  {n} streams: {moved / wall / 1e6:.1f} MB/s")
+    return out
+
+
 def teardown(workdir: Path = WORKDIR, shm_dir: Path = SHM_DIR) -> None:
     """Remove the stack by name: mounts below our directories, what runs in the namespace
     (ours by construction), the veth, the namespace, the object data. Never raises."""
@@ -323,6 +473,35 @@ def teardown(workdir: Path = WORKDIR, shm_dir: Path = SHM_DIR) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def profile(args: argparse.Namespace) -> dict[str, Any]:
+    """SlowSource's profile keywords from add_profile_arguments()'s options."""
+    keys = ("profile", "latency_ms", "per_connection_rate")
+    return {key: getattr(args, key) for key in keys} | {"s3fs_options": args.s3fs_option}
+
+
+def summary(src: SlowSource | None) -> dict[str, Any]:
+    """What a report says of the source: rate, endpoint, profile."""
+    if src is None:
+        return {"rate": None, "endpoint": None, "profile": None}
+    out = {"rate": src.rate, "endpoint": src.endpoint, "profile": src.profile}
+    out["s3fs_options"] = src.s3fs_options
+    if src.profile == "object-store":
+        out |= {"latency_ms": src.latency_ms, "per_connection_rate": src.per_connection_rate}
+    return out
+
+
+def describe(src: dict[str, Any]) -> str:
+    """The source of a report's summary() in words."""
+    text = f"s3rver in a network namespace capped with tc tbf at {src['rate'] or 'no limit'}"
+    if src.get("profile") == "object-store":
+        text += (
+            f", behind a proxy adding {src['latency_ms']:g} ms to each request and capping each "
+            f"connection at {src['per_connection_rate']} (profile object-store)"
+        )
+    extra = "".join(f",{option}" for option in src.get("s3fs_options") or [])
+    return text + f", mounted with s3fs ro,direct_io{extra}"
+
+
 def status(workdir: Path) -> dict[str, Any]:
     up = Path(f"/run/netns/{NETNS}").exists()
     out: dict[str, Any] = {"up": up, "endpoint": f"http://{NS_ADDR}:{PORT}", "bucket": BUCKET}
@@ -339,11 +518,30 @@ def status(workdir: Path) -> dict[str, Any]:
     return out
 
 
+def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
+    """--profile, --latency-ms, --per-connection-rate (also run.py's)."""
+    add = parser.add_argument
+    add("--profile", choices=PROFILES, default="link", help="the source's shape (link)")
+    add("--latency-ms", type=float, help="object-store: added to each request (30)")
+    add("--per-connection-rate", help="object-store: each connection's cap, tc syntax (200mbit)")
+    add(
+        "--s3fs-option",
+        action="append",
+        default=[],
+        help="an extra -o option of the source's s3fs mount (repeatable), e.g. parallel_count=16",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("command", choices=["install", "up", "status", "down"])
+    parser.add_argument("command", choices=["install", "up", "probe", "status", "down"])
     parser.add_argument("files", nargs="*", type=Path, help="up: files to put in the bucket")
-    parser.add_argument("--rate", default=DEFAULT_RATE, help="up: egress cap, tc syntax (0: none)")
+    parser.add_argument(
+        "--rate", help=f"egress (link) cap, tc syntax, 0: none ({DEFAULT_RATE}; object-store 2gbit)"
+    )
+    add_profile_arguments(parser)
+    parser.add_argument("--streams", default="1,2,4,8", help="probe: parallel streams")
+    parser.add_argument("--stream-bytes", default="32M", help="probe: bytes per stream")
     parser.add_argument("--rclone", action="store_true", help="up: also mount rclone")
     parser.add_argument("--s3fs-cache", action="store_true", help="up: also mount s3fs use_cache")
     parser.add_argument("--workdir", type=Path, default=WORKDIR, help="object data, mounts, logs")
@@ -356,8 +554,22 @@ def main(argv: list[str] | None = None) -> int:
             return int(Path(f"/run/netns/{NETNS}").exists())
         elif args.command == "status":
             print(json.dumps(status(args.workdir), indent=2))
+        elif args.command == "probe":
+            each = lib.size_arg(args.stream_bytes)
+            streams = [int(n) for n in args.streams.split(",")]
+            workdir = args.workdir
+            workdir.mkdir(parents=True, exist_ok=True)
+            path = args.files[0] if args.files else workdir / "probe.bin"
+            if not args.files:
+                lib.write_test_file(path, max(streams) * each)
+            size = path.stat().st_size
+            with SlowSource([path], rate=args.rate, workdir=workdir, **profile(args)) as src:
+                print(json.dumps(probe(src, path.name, size, streams, min(each, size)), indent=2))
+            if not args.files:
+                path.unlink()
         else:  # up, and leave it running: `down` removes it
-            src = SlowSource(args.files, rate=args.rate, workdir=args.workdir).start()
+            src = SlowSource(args.files, rate=args.rate, workdir=args.workdir, **profile(args))
+            src.start()
             try:
                 labels = ["rclone"] * args.rclone + ["s3fs_cache"] * args.s3fs_cache
                 alternatives = [src.alternative(label) for label in labels]
@@ -365,6 +577,8 @@ def main(argv: list[str] | None = None) -> int:
                 src.close()
                 raise
             print(f"source: {src.mountpoint}\nendpoint: {src.endpoint} {BUCKET} rate {src.rate}")
+            if src.profile == "object-store":
+                print(f"latency {src.latency_ms} ms, per connection {src.per_connection_rate}")
             for alt in alternatives:
                 print(f"{alt.argv[0]}: {alt.mountpoint} (cache {alt.cache_dir})")
     except SlowSourceError as error:

@@ -116,6 +116,8 @@ def test_suite_smoke(tmp_path: Path) -> None:
     assert any(g["status"] == "not measured" for g in goals.values())  # rclone, s3fs: need S3
     assert "| goal (issue 4 item 5) | measured | status |" in md
     assert "the alternatives (rclone, s3fs use_cache) need --source s3" in md
+    _check_switch(data["switch"])  # the suite's model-switch part
+    assert "| model-switch goal (issue 8 item 3) | measured | status |" in md
 
 
 @pytest.mark.usefixtures("fuse_required")
@@ -129,13 +131,117 @@ def test_rss_smoke(tmp_path: Path) -> None:
     assert "| result | PASS |" in md
 
 
+@pytest.mark.usefixtures("fuse_required")
+def test_switch_smoke(tmp_path: Path) -> None:
+    """8 MiB checkpoints, one repetition, a local source: every load ran and was verified."""
+    data, md, _ = _run("switch", tmp_path)
+    _check_switch(data)
+    assert "| model-switch goal (issue 8 item 3) | measured | status |" in md
+    assert "| checkpoint | source mount, s | memcachefs cold, s |" in md
+
+
+def _check_switch(data: dict[str, Any]) -> None:
+    assert data["ok"] and data["mismatches"] == []
+    assert data["loaders"][:2] == ["load_file", "safe_open_shuffled"]
+    (checkpoint,) = data["checkpoints"]
+    assert checkpoint["size"] == 8 * 1024 * 1024 and checkpoint["tensors"] > 10
+    places = {"source", "cold", "local_cold", "local_warm", "remote", "tmpfs"}
+    expected = {f"{loader} 8M {place}" for loader in data["loaders"] for place in places}
+    expected.add("safe_open_file_order 8M cold")
+    assert set(data["scenarios"]) == expected
+    for name, scenario in data["scenarios"].items():
+        assert scenario["repetitions"] == 1, name
+        assert scenario["extra"]["verified"] == [True], name  # the digest of the tmpfs load
+        assert scenario["bytes_per_read"] == checkpoint["bytes"], name
+    assert data["verified_loads"] == len(expected)
+    for loader in data["loaders"]:
+        cold = data["scenarios"][f"{loader} 8M cold"]["counters"]
+        assert cold["source_bytes"] == [checkpoint["bytes"]]
+        remote = data["scenarios"][f"{loader} 8M remote"]["counters"]
+        assert remote["peer_bytes"] == [checkpoint["bytes"]] and remote["source_bytes"] == [0]
+    goals = data["switch_goals"]
+    assert len(goals) == 3 * len(data["loaders"]) + 1
+    assert all(g["ratio"] and g["ratio"] > 0 for g in goals), goals
+
+
 def test_presets_are_registered() -> None:
     listing = subprocess.run(
         [sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, check=True
     ).stdout
     for preset in ("core:", "suite:", "rss:", "switch:"):
         assert preset in listing
-    switch = subprocess.run(
-        [sys.executable, str(RUNNER), "switch"], capture_output=True, text=True, check=False
+    several = subprocess.run(
+        [sys.executable, str(RUNNER), "core", "--size", "1M,2M"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
-    assert switch.returncode != 0 and "not built" in switch.stderr
+    assert several.returncode == 2 and "for the switch preset" in several.stderr
+
+
+def test_latency_proxy(tmp_path: Path) -> None:
+    """The object-store profile's proxy: each request waits the latency, each connection
+    is paced to its rate, and two connections together get twice that."""
+    import socket
+    import threading
+    import time
+
+    answer = 1_000_000  # bytes per request; at 40mbit (5 MB/s): 0.2 s less a 50 ms burst
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            while conn.recv(4096):  # one request a recv (small, one line)
+                conn.sendall(b"x" * answer)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, str(RUNNER.with_name("latencyproxy.py")), "--listen"]
+    argv += [f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{server.getsockname()[1]}"]
+    argv += ["--latency-ms", "50", "--per-connection-rate", "40mbit"]
+    proxy = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proxy.stdout is not None and proxy.stdout.readline() == b"ready\n"
+
+        def request(conn: socket.socket) -> tuple[float, float]:
+            start = time.perf_counter()
+            conn.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            got = len(conn.recv(65536))
+            first = time.perf_counter() - start
+            while got < answer:
+                got += len(conn.recv(1 << 20))
+            return first, time.perf_counter() - start
+
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            for _ in range(2):  # a new connection, then kept alive: both pay the latency
+                first, total = request(conn)
+                assert 0.045 <= first < 0.5
+                assert total >= 0.05 + 0.14  # paced: 1 MB at 5 MB/s, less the burst
+        conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        times: list[float] = []
+        threads = [threading.Thread(target=lambda c=c: times.append(request(c)[1])) for c in conns]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        wall = time.perf_counter() - start
+        for conn in conns:
+            conn.close()
+        assert wall < 2 * 0.05 + 2 * 0.2  # in parallel: about the time of one, not two
+    finally:
+        proxy.terminate()
+        _, err = proxy.communicate(timeout=10)
+        server.close()
+    (counters,) = [line for line in err.decode().splitlines() if line.startswith("{")]
+    assert json.loads(counters)["requests"] == 4, err
