@@ -83,7 +83,13 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
         ) as source:
             store = BlockStore(cache.capacity_bytes, cache.block_size_bytes)
             async with trio.open_nursery() as nursery:
-                metadata = MetadataCache(source, nursery, ttl_s=config.attr_timeout_s)
+                metadata = MetadataCache(
+                    source,
+                    nursery,
+                    ttl_s=config.attr_timeout_s,
+                    budget_bytes=cache.metadata_cache_bytes,
+                    unanswered_timeout_s=cache.metadata_timeout_s,
+                )
                 loader = Loader(store, source, nursery, read_ahead_blocks=cache.read_ahead_blocks)
                 statistics = StatisticsSnapshot(
                     mountpoint=str(config.mountpoint),
