@@ -246,7 +246,7 @@ class CacheConfig(BaseModel):
             "(least recently used evicted first)",
             "SIZE",
         ),
-    ] = 32 * MiB
+    ] = 64 * MiB
     metadata_timeout_s: Annotated[
         float,
         Field(gt=0),
