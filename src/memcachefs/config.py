@@ -224,7 +224,11 @@ class CacheConfig(BaseModel):
     metadata_threads: Annotated[
         int,
         Field(ge=1, le=256),
-        Option("metadata-threads", "parallel metadata calls (stat, listings) to the source", "N"),
+        Option(
+            "metadata-threads",
+            "parallel metadata calls (stat, listings, xattrs) to the source",
+            "N",
+        ),
     ] = 8
     prefetch_patterns: Annotated[
         tuple[str, ...],
@@ -249,6 +253,26 @@ class CacheConfig(BaseModel):
             "SIZE",
         ),
     ] = 64 * MiB
+    metadata_cache_bytes: Annotated[
+        Size,
+        Field(ge=MiB),
+        Option(
+            "metadata-cache",
+            "estimated bytes of memory for cached attributes, listings and xattrs "
+            "(least recently used evicted first)",
+            "SIZE",
+        ),
+    ] = 64 * MiB
+    metadata_timeout_s: Annotated[
+        float,
+        Field(gt=0),
+        Option(
+            "metadata-timeout",
+            "how long an xattr or statfs request with no previous answer waits for a "
+            "stalled source before it fails with EIO",
+            "SECONDS",
+        ),
+    ] = 10.0
     push_page_cache: Annotated[
         bool,
         Option(

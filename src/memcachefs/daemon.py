@@ -112,6 +112,8 @@ def build_service(
     read_ahead_blocks: int,
     attr_timeout_s: float,
     push_page_cache: bool,
+    metadata_cache_bytes: int = 64 * 1024 * 1024,
+    metadata_timeout_s: float = 10.0,
     prefetch_patterns: tuple[str, ...] | None = None,
     prefetch_window_bytes: int = 64 * 1024 * 1024,
     stale_grace_s: float = 0.5,
@@ -123,7 +125,13 @@ def build_service(
     """The one place the mount's components are built (the daemon and the unit tests)."""
     store = BlockStore(capacity_bytes, block_size_bytes)
     metadata = MetadataCache(
-        source, nursery, ttl_s=attr_timeout_s, stale_grace_s=stale_grace_s, clock=clock
+        source,
+        nursery,
+        ttl_s=attr_timeout_s,
+        stale_grace_s=stale_grace_s,
+        budget_bytes=metadata_cache_bytes,
+        unanswered_timeout_s=metadata_timeout_s,
+        clock=clock,
     )
     loader = Loader(store, source, nursery, read_ahead_blocks=read_ahead_blocks)
     prefetcher = (
@@ -184,6 +192,8 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                     read_ahead_blocks=cache.read_ahead_blocks,
                     attr_timeout_s=config.attr_timeout_s,
                     push_page_cache=cache.push_page_cache,
+                    metadata_cache_bytes=cache.metadata_cache_bytes,
+                    metadata_timeout_s=cache.metadata_timeout_s,
                     prefetch_patterns=None if cache.no_prefetch else cache.prefetch_patterns,
                     prefetch_window_bytes=cache.prefetch_window_bytes,
                     static_statistics={

@@ -191,7 +191,7 @@ class Filesystem(pyfuse3.Operations):
 
     @_handler
     async def statfs(self, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.StatvfsData:
-        vfs = await self._source.statvfs()
+        vfs = await self._metadata.statvfs()
         data = pyfuse3.StatvfsData()
         data.f_bsize = vfs.f_bsize
         data.f_frsize = vfs.f_frsize
@@ -208,7 +208,8 @@ class Filesystem(pyfuse3.Operations):
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
         relpath = self._path(inode)
-        entries = sorted(await self._metadata.listdir(relpath))
+        # Sorted once by the cache and shared by every handle of this directory.
+        entries = await self._metadata.listdir(relpath)
         fh = self._next_dir_handle
         self._next_dir_handle += 1
         self._dirs[fh] = OpenDir(relpath, entries)
@@ -288,7 +289,7 @@ class Filesystem(pyfuse3.Operations):
         if inode == pyfuse3.ROOT_INODE and name in self._root_xattrs:
             return self._root_xattrs[name]()
         try:
-            return await self._source.getxattr(self._path(inode), name)
+            return await self._metadata.getxattr(self._path(inode), name)
         except OSError as error:
             if error.errno == errno.ENODATA:
                 raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
@@ -298,8 +299,7 @@ class Filesystem(pyfuse3.Operations):
     async def listxattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> Sequence[bytes]:
-        names = await self._source.listxattr(self._path(inode))
-        return [os.fsencode(name) for name in names]
+        return await self._metadata.listxattr(self._path(inode))
 
     # -- everything that would write -------------------------------------------
     setattr = _read_only(pyfuse3.Operations.setattr)

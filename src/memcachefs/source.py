@@ -145,6 +145,30 @@ class Source:
     async def listxattr(self, relpath: bytes) -> list[str]:
         return await self._metadata(self._xattr, os.listxattr, relpath)
 
+    async def listxattr_many(
+        self, relpath: bytes, names: list[bytes]
+    ) -> list[tuple[bytes, ...] | None]:
+        """The xattr names of several entries of directory `relpath`, in one worker call
+        (None for an entry that could not be asked, e.g. one removed meanwhile)."""
+        return await self._metadata(self._listxattr_many, relpath, names)
+
+    def _listxattr_many(self, relpath: bytes, names: list[bytes]) -> list[tuple[bytes, ...] | None]:
+        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
+        base = b"/proc/self/fd/%d/" % (self._root_fd if fd is None else fd)
+        found: list[tuple[bytes, ...] | None] = []
+        try:
+            for name in names:
+                try:
+                    listed = os.listxattr(base + name, follow_symlinks=False)
+                except OSError as error:
+                    found.append(() if error.errno in (errno.ENOTSUP, errno.ENODATA) else None)
+                    continue
+                found.append(tuple(os.fsencode(x) for x in listed))
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return found
+
     def _scan(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
         fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
         entries: list[tuple[bytes, os.stat_result]] = []
@@ -152,7 +176,7 @@ class Source:
             with os.scandir(self._root_fd if fd is None else fd) as it:
                 for entry in it:
                     try:
-                        st = entry.stat(follow_symlinks=False)
+                        st = compact_stat(entry.stat(follow_symlinks=False))
                     except FileNotFoundError:
                         continue
                     entries.append((os.fsencode(entry.name), st))
@@ -333,7 +357,54 @@ def _close_all(fds: list[int]) -> None:
 
 
 def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
-    return os.lstat(name, dir_fd=dir_fd)
+    return compact_stat(os.lstat(name, dir_fd=dir_fd))
+
+
+_SHARED_INTS: dict[int, int] = {}
+
+
+def _shared(value: int) -> int:
+    """One int object per distinct mode, owner, link count... (bounded table)."""
+    shared = _SHARED_INTS.get(value)
+    if shared is not None:
+        return shared
+    if len(_SHARED_INTS) < 4096:
+        _SHARED_INTS[value] = value
+    return value
+
+
+def compact_stat(st: os.stat_result) -> os.stat_result:
+    """`st` with only what the mount shows, and its repeated values shared: a cached
+    listing of a large directory costs about a third of the memory of full results.
+
+    Kept: mode, link count, owner, size, the nanosecond times, blocks and rdev.
+    Dropped (None or 0): the source's device and inode numbers and the float times.
+    """
+    mtime_ns = st.st_mtime_ns
+    ctime_ns = mtime_ns if st.st_ctime_ns == mtime_ns else st.st_ctime_ns
+    atime_ns = mtime_ns if st.st_atime_ns == mtime_ns else st.st_atime_ns
+    return os.stat_result(
+        (  # type: ignore[arg-type]  # the float times stay None
+            _shared(st.st_mode),
+            0,
+            0,
+            _shared(st.st_nlink),
+            _shared(st.st_uid),
+            _shared(st.st_gid),
+            _shared(st.st_size),
+            None,
+            None,
+            None,
+        ),
+        {
+            "st_atime_ns": atime_ns,
+            "st_mtime_ns": mtime_ns,
+            "st_ctime_ns": ctime_ns,
+            "st_blocks": _shared(st.st_blocks),
+            "st_rdev": _shared(st.st_rdev),
+            "st_blksize": 4096,
+        },
+    )
 
 
 def _readlink_at(dir_fd: int, name: bytes) -> bytes:

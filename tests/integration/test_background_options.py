@@ -26,6 +26,8 @@ def non_default_values(tmp_path: Path) -> dict[str, list[str]]:
         "read-ahead": ["--read-ahead", "3"],
         "source-threads": ["--source-threads", "3"],
         "metadata-threads": ["--metadata-threads", "5"],
+        "metadata-cache": ["--metadata-cache", "8M"],
+        "metadata-timeout": ["--metadata-timeout", "3"],
         "page-cache-push": ["--no-page-cache-push"],
         "prefetch": ["--prefetch", "*.gguf", "--prefetch", "*.bin"],
         "no-prefetch": ["--no-prefetch"],

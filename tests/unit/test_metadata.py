@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -198,3 +199,128 @@ async def test_stalled_source_with_nothing_cached_waits_for_the_source(
         source.unstall.set()
         assert (await cache.lstat(b"f")).st_size == 10
         assert cache.statistics().stale_answers == 0
+
+
+# -- issue 10: xattrs, statfs, a byte budget ---------------------------------------------
+async def test_xattrs_and_their_absence_are_cached_with_the_attributes(
+    root: Path, source: Source
+) -> None:
+    (root / "d").mkdir()
+    for i in range(10):
+        (root / "d" / f"f{i}").write_bytes(b"x")
+    os.setxattr(root / "d" / "f3", "user.origin", b"bucket")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        await cache.listdir(b"d")
+        calls = source_calls(source)
+        for i in range(10):
+            with pytest.raises(OSError) as raised:
+                await cache.getxattr(b"d/f%d" % i, b"security.selinux")
+            assert raised.value.errno == errno.ENODATA
+        # One source call for the xattr names of the whole listing chunk.
+        assert source_calls(source) == calls + 1
+        assert await cache.getxattr(b"d/f3", b"user.origin") == b"bucket"
+        assert await cache.getxattr(b"d/f3", b"user.origin") == b"bucket"
+        assert await cache.listxattr(b"d/f3") == [b"user.origin"]
+        assert source_calls(source) == calls + 2  # the value, once
+        # Past the TTL, the attributes are refreshed; the same ctime keeps the xattrs.
+        clock.now += TTL_S * 2
+        await cache.lstat(b"d/f3")
+        calls = source_calls(source)
+        assert await cache.getxattr(b"d/f3", b"user.origin") == b"bucket"
+        assert source_calls(source) == calls
+        # Setting an xattr changes the ctime: the new value is seen after the TTL.
+        os.setxattr(root / "d" / "f3", "user.origin", b"disk")
+        clock.now += TTL_S * 2
+        assert await cache.getxattr(b"d/f3", b"user.origin") == b"disk"
+
+
+async def test_statfs_is_cached_for_the_ttl(root: Path, source: Source) -> None:
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        first = await cache.statvfs()
+        assert (await cache.statvfs()) is first
+        assert source_calls(source) == 1
+        clock.now += TTL_S * 2
+        await cache.statvfs()
+        assert source_calls(source) == 2
+
+
+async def test_the_cache_stays_within_its_byte_budget_and_counts_evictions(
+    root: Path, source: Source
+) -> None:
+    for i in range(200):
+        (root / f"f{i}").write_bytes(b"x")
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(
+            source, nursery, ttl_s=TTL_S, clock=ManualClock(), budget_bytes=50 * 1024
+        )
+        for i in range(200):
+            await cache.lstat(b"f%d" % i)
+        stats = cache.statistics()
+        assert stats.metadata_cache_bytes <= 50 * 1024
+        assert stats.metadata_evictions > 0
+        assert stats.cached_attributes < 200
+
+
+async def test_a_listing_is_sorted_once_and_shared(root: Path, source: Source) -> None:
+    for name in ("c", "a", "b"):
+        (root / name).write_bytes(b"")
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=ManualClock())
+        first = await cache.listdir(b"")
+        assert [name for name, _ in first] == [b"a", b"b", b"c"]
+        assert (await cache.listdir(b"")) is first
+
+
+class StallingXattrSource(StallingSource):
+    async def listxattr(self, relpath: bytes) -> list[str]:
+        if self.unstall is not None:
+            await self.unstall.wait()
+        return []
+
+    async def getxattr(self, relpath: bytes, name: bytes) -> bytes:
+        if self.unstall is not None:
+            await self.unstall.wait()
+        raise OSError(errno.ENODATA, "no data")
+
+    async def statvfs(self) -> Any:
+        if self.unstall is not None:
+            await self.unstall.wait()
+        return os.statvfs("/")
+
+
+async def test_a_stall_answers_xattrs_and_statfs_from_the_previous_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    source = StallingXattrSource()
+    source.sizes[b"f"] = 10
+    source.sizes[b"g"] = 10
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(
+            source,  # type: ignore[arg-type]
+            nursery,
+            ttl_s=TTL_S,
+            clock=trio.current_time,
+            unanswered_timeout_s=5.0,
+        )
+        assert await cache.listxattr(b"f") == []
+        await cache.statvfs()
+        await cache.lstat(b"g")
+        await trio.sleep(TTL_S * 2)
+        source.unstall = trio.Event()
+        started = trio.current_time()
+        with pytest.raises(OSError) as raised:
+            await cache.getxattr(b"f", b"user.x")
+        assert raised.value.errno == errno.ENODATA
+        assert await cache.listxattr(b"f") == []
+        await cache.statvfs()
+        assert trio.current_time() - started == pytest.approx(1.5)  # 3 x the grace
+        # Nothing known about g's xattrs: EIO once the timeout passed, not a hang.
+        with pytest.raises(OSError) as raised:
+            await cache.listxattr(b"g")
+        assert raised.value.errno == errno.EIO
+        assert cache.statistics().unanswered_timeouts == 1
+        source.unstall.set()
