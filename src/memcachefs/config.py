@@ -409,6 +409,16 @@ class MountConfig(BaseModel):
         Option("log-format", "text, or json: one JSON object per line", "FORMAT"),
     ] = "text"
 
+    http_address: Annotated[
+        Address | None,
+        Option(
+            "http-address",
+            "serve GET /metrics (Prometheus), /ready, /healthz and /stats on this address "
+            "(no file data, no commands)",
+            "HOST:PORT",
+        ),
+    ] = None
+
     @model_validator(mode="after")
     def _kernel_read_ahead_in_pages(self) -> MountConfig:
         if 0 < self.kernel_read_ahead_bytes < 4 * KiB:
