@@ -99,9 +99,9 @@ def build_registry(
 
 def default_collectors() -> tuple[Collector, ...]:
     """The latency histograms owned by the components that measure them."""
-    from memcachefs import source
+    from memcachefs import peers, source
 
-    return (source.SOURCE_READ_SECONDS,)
+    return (source.SOURCE_READ_SECONDS, peers.PEER_FETCH_SECONDS)
 
 
 # -- the ASGI application -----------------------------------------------------------------

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import trio
 import xxhash
 from cachetools import LRUCache
+from prometheus_client import Histogram
 
 from memcachefs import protocol
 from memcachefs.blockstore import Block
@@ -62,6 +63,11 @@ from memcachefs.protocol import (
     Request,
 )
 from memcachefs.source import PathRejected, validate_relpath
+
+# Exposed on /metrics (httpd.default_collectors); not in a global registry.
+PEER_FETCH_SECONDS = Histogram(
+    "memcachefs_peer_fetch_seconds", "time one block request to a peer took", registry=None
+)
 
 log = logging.getLogger(__name__)
 
@@ -523,7 +529,7 @@ class PeerClient:
             peer.probing = True
         try:
             checksum: int | None = None
-            with trio.move_on_at(deadline) as scope:
+            with trio.move_on_at(deadline) as scope, PEER_FETCH_SECONDS.time():
                 checksum = await self._fetch(peer, key, buffer, memory_only=memory_only)
             if scope.cancelled_caught:
                 raise PeerError(f"no answer within {self._timeout_s}s", kind="timeout")

@@ -39,7 +39,9 @@ def test_every_registry_key_is_one_sample_with_its_value() -> None:
             assert samples[metric_name(key, metric.kind), ()] == stats[key], key
     for name, _ in samples:
         assert name.startswith(PREFIX)
-    assert "memcachefs_source_block_read_seconds_bucket" in {name for name, _ in samples}
+    names = {name for name, _ in samples}
+    assert "memcachefs_source_block_read_seconds_bucket" in names
+    assert "memcachefs_peer_fetch_seconds_bucket" in names
 
 
 def test_names_follow_the_prometheus_conventions() -> None:
