@@ -72,3 +72,19 @@ def test_http_address_option() -> None:
     assert load_config(base, environ={}).http_address is None
     with pytest.raises(ConfigError, match=r"^--http-address 'nowhere': "):
         load_config({**base, "http-address": "nowhere"}, environ={})
+
+
+def test_the_readme_lists_the_prometheus_only_metrics() -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    table = readme.split("| Prometheus metric | type | meaning |", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"^\| `(memcachefs_[a-z_]+)`", table, re.MULTILINE))
+    text = generate_latest(build_registry(_snapshot, default_collectors())).decode()
+    families = {f.name for f in text_string_to_metric_families(text)}
+    families = {name for name in families if not name.endswith("_created")}
+    by_rule = {metric_name(key, "gauge") for key in all_metrics()}
+    beyond = {f"{name}_total" if name == "memcachefs_peer_errors" else name for name in families}
+    beyond -= by_rule | {f"{name}_total" for name in by_rule}
+    assert documented == beyond
