@@ -28,7 +28,13 @@ from memcachefs.control import CONFIG_XATTR, STATS_XATTR
 from memcachefs.errors import MemcachefsError, MountError
 from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
-from memcachefs.httpd import OperatorsApp, Readiness, default_collectors, serve_http
+from memcachefs.httpd import (
+    OperatorsApp,
+    Readiness,
+    default_collectors,
+    open_http_socket,
+    serve_http,
+)
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
@@ -161,7 +167,10 @@ async def _serve(
     cluster = config.cluster
     # Bound before anything else: a busy peer port is a clear error and nothing is mounted.
     listeners = await open_peer_listeners(cluster)
+    http_socket = None
     try:
+        if config.http_address is not None:
+            http_socket = open_http_socket(config.http_address)
         with Source(
             config.source,
             block_threads=cache.source_threads,
@@ -194,14 +203,14 @@ async def _serve(
                 try:
                     with trio.CancelScope() as fuse_loop:
                         nursery.start_soon(_announce_ready, config, on_ready, mounted)
-                        if config.http_address is not None:
+                        if http_socket is not None:
                             app = OperatorsApp(
                                 service.statistics,
                                 config.mountpoint,
                                 readiness or (lambda: (mounted.is_set(), {})),
                                 default_collectors(),
                             )
-                            nursery.start_soon(serve_http, app, config.http_address, http_stop)
+                            nursery.start_soon(serve_http, app, http_socket, http_stop)
                         nursery.start_soon(
                             _stop_on_signal, fs, config, peer_server, fuse_loop, http_stop
                         )
@@ -224,6 +233,8 @@ async def _serve(
     finally:
         for listener in listeners:
             listener.socket.close()
+        if http_socket is not None:
+            http_socket.close()  # a no-op once hypercorn took it
     log.info("unmounted %s", config.mountpoint)
 
 

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from memcachefs.errors import MountError
 from memcachefs.metrics import all_metrics
 
 log = logging.getLogger(__name__)
@@ -178,11 +180,29 @@ async def _reply(send: Send, status: int, body: bytes, content_type: str) -> Non
     await send({"type": "http.response.body", "body": body})
 
 
-def http_config(host: str, port: int) -> Any:
+def open_http_socket(address: tuple[str, int]) -> socket.socket:
+    """The listening socket, bound before the mount; MountError (one line) if it cannot be."""
+    host, port = address
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError as error:
+        raise MountError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(BACKLOG)
+    except OSError as error:
+        sock.close()
+        raise MountError(f"cannot serve HTTP on {host}:{port}: {error.strerror or error}") from None
+    return sock
+
+
+def http_config(sock: socket.socket) -> Any:
     from hypercorn.config import Config
 
     config = Config()
-    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here
     config.backlog = BACKLOG
     config.read_timeout = REQUEST_READ_TIMEOUT_S
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT_S
@@ -195,17 +215,17 @@ def http_config(host: str, port: int) -> Any:
 
 async def serve_http(
     app: OperatorsApp,
-    address: tuple[str, int],
+    sock: socket.socket,
     stop: trio.Event,
     *,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` on `address` until `stop` is set; reports the bound addresses."""
+    """Serve `app` on the listening `sock` (see open_http_socket) until `stop` is set."""
     from hypercorn.trio import serve
 
     await serve(
         app,  # type: ignore[arg-type]
-        http_config(*address),
+        http_config(sock),
         shutdown_trigger=stop.wait,
         task_status=task_status,
     )

@@ -105,3 +105,22 @@ def test_idle_and_malformed_clients_do_not_disturb_reads(http_mount) -> None:  #
     finally:
         for sock in idle:
             sock.close()
+
+
+def test_a_busy_http_port_is_an_error_and_nothing_is_mounted(tmp_path: Path) -> None:
+    from memcachefs import mounts
+
+    source, mountpoint = tmp_path / "source", tmp_path / "mnt"
+    source.mkdir()
+    mountpoint.mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run_cli(
+            "mount", source, mountpoint, "--capacity", "16M", "--http-address", f"127.0.0.1:{port}"
+        )
+    assert result.returncode == 2, result
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in result.stderr
+    assert result.stderr.count("\n") == 1
+    assert mounts.find_mount(mountpoint) is None
