@@ -113,3 +113,23 @@ def test_nothing_is_mounted_when_a_later_entry_is_invalid(tmp_path: Path) -> Non
     assert result.returncode == 2
     assert "does not exist" in result.stderr
     assert mounts.find_mount(good) is None
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--foreground"], r"--spec mounts every entry in the background"),
+        (["/src"], r"--spec takes no SOURCE"),
+    ],
+)
+def test_spec_with_a_foreground_or_positional_is_refused(
+    tmp_path: Path, extra: list[str], message: str
+) -> None:
+    import re
+
+    path = tmp_path / "spec.json"
+    path.write_text(EXAMPLE.read_text())
+    result = run_cli("mount", "--spec", path, *extra)
+    assert result.returncode == 2, result
+    assert re.search(message, result.stderr), result.stderr
+    assert result.stderr.count("\n") == 1
