@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_options(mount)
     mount.add_argument("--config", metavar="FILE", help="a TOML file with one key per option")
     mount.add_argument(
+        "--spec",
+        metavar="FILE",
+        help="a PAI-EAS service JSON (or its storage list): mount every cache entry, "
+        "each in the background (other options apply to every entry)",
+    )
+    mount.add_argument(
         "--foreground",
         "-f",
         action="store_true",
@@ -148,12 +154,20 @@ def config_from_args(
     if args.config_fd is not None:  # the background daemon: its parent validated it
         with os.fdopen(args.config_fd, "rb") as f:
             return MountConfig.model_validate_json(f.read())
+    config_file = Path(args.config) if args.config else None
+    config = load_config(_flags(args), config_file=config_file, environ=environ)
+    return _absolute(config)
+
+
+def _flags(args: argparse.Namespace) -> dict[str, Any]:
     flags = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
-    for name in ("source", "mountpoint", "peers_file", "log_file"):
+    for name in ("source", "mountpoint", "peers-file", "log-file"):
         if name in flags:  # relative paths mean relative to where the user ran us
             flags[name] = str(Path(flags[name]).absolute())
-    config_file = Path(args.config) if args.config else None
-    config = load_config(flags, config_file=config_file, environ=environ)
+    return flags
+
+
+def _absolute(config: MountConfig) -> MountConfig:
     return config.model_copy(
         update={"source": config.source.absolute(), "mountpoint": config.mountpoint.absolute()}
     )
@@ -193,7 +207,36 @@ def check_paths(config: MountConfig) -> None:
         raise ConfigError(f"/dev/fuse is not usable: {error.strerror}") from None
 
 
+def _mount_spec(args: argparse.Namespace) -> int:
+    """Every cache entry of a service spec, validated all before any is mounted."""
+    from memcachefs import spec
+
+    if args.foreground or args.config_fd is not None:
+        raise ConfigError("--spec mounts every entry in the background; drop --foreground")
+    flags = _flags(args)
+    for name in ("source", "mountpoint"):
+        if name in flags:
+            raise ConfigError(f"--spec takes no {name.upper()}: the spec's entries name them")
+    config_file = Path(args.config) if args.config else None
+    plan = spec.plan(Path(args.spec), flags, config_file=config_file)
+    configs = [_absolute(config) for config in plan.mounts]
+    for config in configs:
+        check_paths(config)
+    for skipped in plan.skipped:
+        print(
+            f"memcachefs: storage[{skipped.index}] ({skipped.kind}, mount_path "
+            f"{skipped.mount_path}) is not a cache entry: skipped"
+        )
+    for config in configs:
+        status = _spawn_background(config)
+        if status != EXIT_OK:
+            return status
+    return EXIT_OK
+
+
 def _mount(args: argparse.Namespace) -> int:
+    if args.spec is not None:
+        return _mount_spec(args)
     config = config_from_args(args)
     check_paths(config)
     if not args.foreground:

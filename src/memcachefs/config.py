@@ -448,6 +448,16 @@ class MountConfig(BaseModel):
         Option("log-format", "text, or json: one JSON object per line", "FORMAT"),
     ] = "text"
 
+    http_address: Annotated[
+        Address | None,
+        Option(
+            "http-address",
+            "serve GET /metrics (Prometheus), /ready, /healthz and /stats on this address "
+            "(no file data, no commands)",
+            "HOST:PORT",
+        ),
+    ] = None
+
     @model_validator(mode="after")
     def _kernel_read_ahead_in_pages(self) -> MountConfig:
         if 0 < self.kernel_read_ahead_bytes < 4 * KiB:
@@ -503,14 +513,21 @@ def load_config(
     *,
     config_file: Path | None = None,
     environ: Mapping[str, str] = os.environ,
+    defaults: Mapping[str, Any] | None = None,
+    default_origins: Mapping[str, str] | None = None,
 ) -> MountConfig:
-    """Merge the sources (flags > environment > file > defaults) and validate once.
+    """Merge the sources (flags > environment > file > `defaults` > defaults) and validate.
 
     `flags` maps option names to the values given on the command line (only the
-    options given). ConfigError names the option and where its value came from.
+    options given). `defaults` (option names too) is a layer below the file, e.g. an
+    entry of a service spec, with its origins named in `default_origins`.
+    ConfigError names the option and where its value came from.
     """
     origins: dict[str, str] = {}  # option name -> where its value came from
     values: dict[str, Any] = {}
+    for name, value in (defaults or {}).items():
+        values[name] = value
+        origins[name] = (default_origins or {}).get(name, entry_flag(name))
     if config_file is not None:
         for key, value in read_config_file(config_file).items():
             name = _BY_KEY[key].option.name

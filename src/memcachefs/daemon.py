@@ -28,6 +28,13 @@ from memcachefs.control import CONFIG_XATTR, STATS_XATTR
 from memcachefs.errors import MemcachefsError, MountError
 from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
+from memcachefs.httpd import (
+    OperatorsApp,
+    Readiness,
+    default_collectors,
+    open_http_socket,
+    serve_http,
+)
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
@@ -71,10 +78,16 @@ def pin_malloc_mmap_threshold() -> None:
         log.debug("mallopt unavailable; RSS may exceed the cache budget more")
 
 
-async def serve(config: MountConfig, on_ready: Callable[[], None] = lambda: None) -> None:
-    """Mount and serve until unmounted or signalled. Raises MountError if it cannot mount."""
+async def serve(
+    config: MountConfig,
+    on_ready: Callable[[], None] = lambda: None,
+    readiness: Readiness | None = None,
+) -> None:
+    """Mount and serve until unmounted or signalled. Raises MountError if it cannot mount.
+
+    `readiness` answers /ready (default: ready once the mount serves)."""
     try:
-        await _serve(config, on_ready)
+        await _serve(config, on_ready, readiness)
     except BaseExceptionGroup as group:
         # The nursery wraps a failure to mount in a group; callers want the error itself.
         errors = group.exceptions
@@ -170,13 +183,18 @@ def build_service(
     return service
 
 
-async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
+async def _serve(
+    config: MountConfig, on_ready: Callable[[], None], readiness: Readiness | None
+) -> None:
     pin_malloc_mmap_threshold()
     cache = config.cache
     cluster = config.cluster
     # Bound before anything else: a busy peer port is a clear error and nothing is mounted.
     listeners = await open_peer_listeners(cluster)
+    http_socket = None
     try:
+        if config.http_address is not None:
+            http_socket = open_http_socket(config.http_address)
         with Source(
             config.source,
             block_threads=cache.source_threads,
@@ -208,16 +226,29 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
                     cluster, service.loader, listeners, nursery, service.statistics
                 )
                 _mount(fs, config)
+                http_stop = trio.Event()
+                mounted = trio.Event()
                 try:
                     with trio.CancelScope() as fuse_loop:
-                        nursery.start_soon(_announce_ready, config, on_ready)
-                        nursery.start_soon(_stop_on_signal, fs, config, peer_server, fuse_loop)
+                        nursery.start_soon(_announce_ready, config, on_ready, mounted)
+                        if http_socket is not None:
+                            app = OperatorsApp(
+                                service.statistics,
+                                config.mountpoint,
+                                readiness or (lambda: (mounted.is_set(), {})),
+                                default_collectors(),
+                            )
+                            nursery.start_soon(serve_http, app, http_socket, http_stop)
+                        nursery.start_soon(
+                            _stop_on_signal, fs, config, peer_server, fuse_loop, http_stop
+                        )
                         nursery.start_soon(_end_after_unmount, config, fuse_loop)
                         nursery.start_soon(_ignore_other_signals)
                         await pyfuse3.main()
                     if fuse_loop.cancelled_caught:
                         log.warning("requests still in flight were abandoned (they get an error)")
                 finally:
+                    http_stop.set()
                     if service.pusher is not None:
                         # No thread may store pages once the FUSE session is closed.
                         with trio.CancelScope(shield=True):
@@ -230,6 +261,8 @@ async def _serve(config: MountConfig, on_ready: Callable[[], None]) -> None:
     finally:
         for listener in listeners:
             listener.socket.close()
+        if http_socket is not None:
+            http_socket.close()  # a no-op once hypercorn took it
     log.info("unmounted %s", config.mountpoint)
 
 
@@ -288,7 +321,9 @@ def _mount(fs: Filesystem, config: MountConfig) -> None:
         raise MountError(f"cannot mount {config.mountpoint}: {error}") from None
 
 
-async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> None:
+async def _announce_ready(
+    config: MountConfig, on_ready: Callable[[], None], mounted: trio.Event
+) -> None:
     # A stat from another thread is answered by the FUSE loop: once it returns,
     # the kernel has completed INIT and the mount serves requests.
     await trio.to_thread.run_sync(os.stat, config.mountpoint)
@@ -298,11 +333,16 @@ async def _announce_ready(config: MountConfig, on_ready: Callable[[], None]) -> 
             mounts.set_read_ahead, entry.device, config.kernel_read_ahead_bytes // 1024
         )
     log.info("mounted %s at %s", config.source, config.mountpoint)
+    mounted.set()
     on_ready()
 
 
 async def _stop_on_signal(
-    fs: Filesystem, config: MountConfig, peer_server: PeerServer | None, fuse_loop: trio.CancelScope
+    fs: Filesystem,
+    config: MountConfig,
+    peer_server: PeerServer | None,
+    fuse_loop: trio.CancelScope,
+    http_stop: trio.Event,
 ) -> None:
     grace_s = config.shutdown_grace_s
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -311,6 +351,7 @@ async def _stop_on_signal(
                 "received %s: finishing reads in flight, then unmounting",
                 signal.Signals(signum).name,
             )
+            http_stop.set()  # the operators' listener goes first
             with trio.move_on_after(grace_s) as scope:
                 if peer_server is not None:
                     # No new peer requests from here on; the answers in flight are sent.

@@ -46,6 +46,7 @@ def non_default_values(tmp_path: Path) -> dict[str, list[str]]:
         "log-file": ["--log-file", str(tmp_path / "daemon.log")],
         "log-level": ["--log-level", "debug"],
         "log-format": ["--log-format", "json"],
+        "http-address": ["--http-address", f"127.0.0.1:{free_port()}"],
     }
 
 

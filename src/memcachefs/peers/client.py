@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 import trio
+from prometheus_client import Histogram
 
 from memcachefs import protocol
 from memcachefs.errors import PeerError
@@ -26,6 +27,11 @@ from memcachefs.peers.health import BACKOFF_MAX_S
 from memcachefs.peers.pool import Unanswered, exchange
 from memcachefs.peers.routing import Peer, Router
 from memcachefs.protocol import Request
+
+# Exposed on /metrics (httpd.default_collectors); not in a global registry.
+PEER_FETCH_SECONDS = Histogram(
+    "memcachefs_peer_fetch_seconds", "time one block request to a peer took", registry=None
+)
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +130,7 @@ class PeerClient:
             health.probing = True
         try:
             checksum: int | None = None
-            with trio.move_on_at(deadline) as scope:
+            with trio.move_on_at(deadline) as scope, PEER_FETCH_SECONDS.time():
                 checksum = await self._fetch(peer, key, buffer, memory_only=memory_only)
             if scope.cancelled_caught:
                 raise PeerError(f"no answer within {self._timeout_s}s", kind="timeout")
