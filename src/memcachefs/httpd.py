@@ -49,7 +49,7 @@ Readiness = Callable[[], tuple[bool, dict[str, Any]]]
 # peer_errors_timeout -> memcachefs_peer_errors_total{kind="timeout"}. Tier counters
 # (memory_bytes, peer_bytes, source_bytes) keep their own names: they are not a family
 # whose sum means anything the registry does not already count.
-_LABELLED = re.compile(r"^(?P<family>peer_errors)_(?P<label>[a-z0-9]+)$")
+_LABELLED = re.compile(r"^(?P<family>peer_errors)_(?P<label>[a-z0-9_]+)$")
 
 
 def metric_name(key: str, kind: str) -> str:
