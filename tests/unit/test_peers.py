@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import xxhash
 
 from memcachefs import protocol
@@ -264,6 +265,27 @@ async def test_idle_connections_at_the_bound_make_room_for_a_peer(
         for stream in idle + garbage:
             await stream.aclose()
         client.close()
+
+
+async def test_displacing_never_holds_more_connections_than_the_bound(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(peer_server, "MAX_CONNECTIONS", 4)
+    open_at_admission: list[int] = []
+    serve_requests = PeerServer._serve_requests
+
+    async def recording(self: PeerServer, stream: Any, first: trio.CancelScope) -> None:
+        open_at_admission.append(self.statistics().peer_connections)
+        await serve_requests(self, stream, first)
+
+    monkeypatch.setattr(PeerServer, "_serve_requests", recording)
+    async with serving(root) as served:
+        idle = [await trio.open_tcp_stream("127.0.0.1", served.port) for _ in range(20)]
+        await trio.testing.wait_all_tasks_blocked()
+        assert served.server.statistics().peer_connections_displaced == 16
+        assert max(open_at_admission) <= 4
+        for stream in idle:
+            await stream.aclose()
 
 
 async def test_authenticated_connections_are_not_displaced(

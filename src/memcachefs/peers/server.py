@@ -145,7 +145,7 @@ class PeerServer:
         self._in_flight = 0
         self._max_connections = connection_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         # Connections not authenticated yet, oldest first: their scopes (FIRST_REQUEST_S).
-        self._unauthenticated: dict[trio.CancelScope, None] = {}
+        self._unauthenticated: dict[trio.CancelScope, trio.Event] = {}
         self._displaced = 0
         self._rejected = 0
         self._next_warning = 0.0
@@ -188,47 +188,52 @@ class PeerServer:
             scope.cancel()
         await self._quiet.wait()
 
-    def _make_room(self) -> bool:
-        """Whether a new connection may be served: displace the oldest unauthenticated one."""
-        if self._connections < self._max_connections:
-            return True
-        if self._unauthenticated:
+    async def _make_room(self) -> bool:
+        """Whether a new connection may be served: displace the oldest unauthenticated one.
+
+        A displaced connection is waited for until it has closed, so the connections
+        open never exceed the limit, not even for a moment."""
+        while self._connections >= self._max_connections:
+            if not self._unauthenticated:
+                self._rejected += 1
+                self._warn_full("rejecting new ones")
+                return False
             oldest = next(iter(self._unauthenticated))
-            del self._unauthenticated[oldest]
+            closed = self._unauthenticated.pop(oldest)
             oldest.cancel()
             self._displaced += 1
-            admitted = True
-        else:
-            self._rejected += 1
-            admitted = False
+            self._warn_full("displacing connections not yet authenticated")
+            await closed.wait()
+        return True
+
+    def _warn_full(self, action: str) -> None:
         now = trio.current_time()
         if now >= self._next_warning:
             self._next_warning = now + WARNING_INTERVAL_S
             log.warning(
                 "%d peer connections (the limit): %s; %d displaced, %d rejected so far",
                 self._connections,
-                "displacing connections not yet authenticated"
-                if admitted
-                else "rejecting new ones",
+                action,
                 self._displaced,
                 self._rejected,
             )
-        return admitted
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         """Serve one connection (serve_listeners closes it afterwards)."""
-        if not self._make_room():
+        if not await self._make_room():
             return
         self._connections += 1
+        closed = trio.Event()
         try:
             with trio.CancelScope(deadline=trio.current_time() + FIRST_REQUEST_S) as first:
-                self._unauthenticated[first] = None
+                self._unauthenticated[first] = closed
                 try:
                     await self._serve_requests(stream, first)
                 finally:
                     self._unauthenticated.pop(first, None)
         finally:
             self._connections -= 1
+            closed.set()
 
     async def _serve_requests(self, stream: trio.SocketStream, first: trio.CancelScope) -> None:
         header = bytearray(REQUEST_HEADER_BYTES)
