@@ -139,7 +139,9 @@ def test_sequential_reader_gets_readahead(memcachefs_source: Path, memcachefs_mo
     payload = _payload(4 * MiB, seed=4)
     (memcachefs_source / "seq.bin").write_bytes(payload)
     fs = memcachefs_mount(
-        memcachefs_source, capacity="64M", args=["--block-size", "64K", "--read-ahead", "4"]
+        memcachefs_source,
+        capacity="64M",
+        args=["--block-size", "64K", "--read-ahead", "4", "--no-prefetch"],
     )
     assert (fs.path / "seq.bin").read_bytes() == payload
     stats = fs.stats()

@@ -38,8 +38,9 @@ def setup(memcachefs_source: Path, memcachefs_mount):
     fs = memcachefs_mount(
         memcachefs_source,
         capacity="16M",
-        # No readahead anywhere: the test decides which blocks are in memory.
+        # No readahead or prefetch anywhere: the test decides which blocks are in memory.
         args=[
+            "--no-prefetch",
             "--block-size",
             "64K",
             "--read-ahead",
