@@ -34,7 +34,7 @@ class Block:
     key, so a holder must not serve them (it fills the block again instead).
     """
 
-    __slots__ = ("buffer", "checksum", "length", "pins", "recycled", "unread")
+    __slots__ = ("buffer", "checksum", "length", "origin", "pins", "recycled", "unread")
 
     def __init__(self, buffer: Buffer, length: int, checksum: int) -> None:
         self.buffer = buffer
@@ -43,6 +43,7 @@ class Block:
         self.pins = 0
         self.recycled = False
         self.unread = False  # filled ahead of a reader that has not read it yet
+        self.origin = "source"  # or "peer": where its fill got the bytes
 
     @property
     def view(self) -> memoryview:

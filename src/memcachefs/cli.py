@@ -1,6 +1,7 @@
 """Command line: argv -> validated config -> run. One-line errors, exit code 2.
 
 memcachefs mount SOURCE MOUNTPOINT --capacity 20G [options]
+memcachefs warm PATH... [--check | --evict] [--json]
 memcachefs umount MOUNTPOINT
 memcachefs stats MOUNTPOINT [--json]
 """
@@ -72,6 +73,20 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--config-fd", type=int, help=argparse.SUPPRESS)
 
+    warm = commands.add_parser(
+        "warm",
+        help="load files of a mount into its memory before they are read",
+        description="PATHs are files, directories or glob patterns under memcachefs mounts; "
+        "the mount's daemon loads them (memory, peers, then the source).",
+    )
+    warm.add_argument("paths", nargs="+", metavar="PATH")
+    what = warm.add_mutually_exclusive_group()
+    what.add_argument(
+        "--check", action="store_true", help="only report how much of each file is resident"
+    )
+    what.add_argument("--evict", action="store_true", help="drop the files from memory")
+    warm.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+
     umount = commands.add_parser("umount", help="unmount, whether the daemon is alive or not")
     umount.add_argument("mountpoint")
 
@@ -86,6 +101,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return _mount(args)
+        if args.command == "warm":
+            from memcachefs import warmcli
+
+            return warmcli.run(args.paths, check=args.check, evict=args.evict, as_json=args.json)
         if args.command == "umount":
             return _umount(Path(args.mountpoint))
         return _stats(Path(args.mountpoint), as_json=args.json)
@@ -161,7 +180,7 @@ def config_from_args(
 
 def _flags(args: argparse.Namespace) -> dict[str, Any]:
     flags = {name: getattr(args, name) for name in OPTIONS if hasattr(args, name)}
-    for name in ("source", "mountpoint", "peers-file", "log-file"):
+    for name in ("source", "mountpoint", "peers-file", "log-file", "ready-file"):
         if name in flags:  # relative paths mean relative to where the user ran us
             flags[name] = str(Path(flags[name]).absolute())
     return flags
@@ -231,6 +250,18 @@ def _mount_spec(args: argparse.Namespace) -> int:
         status = _spawn_background(config)
         if status != EXIT_OK:
             return status
+    return _wait_warm(configs)
+
+
+def _wait_warm(configs: list[MountConfig]) -> int:
+    """--wait-warm: follow each mount's start-up warm-up until its files are resident."""
+    from memcachefs import warmcli
+
+    for config in configs:
+        if config.wait_warm and config.cache.warm_patterns:
+            status = warmcli.wait_for_warm(config.mountpoint)
+            if status != EXIT_OK:
+                return status
     return EXIT_OK
 
 
@@ -238,9 +269,14 @@ def _mount(args: argparse.Namespace) -> int:
     if args.spec is not None:
         return _mount_spec(args)
     config = config_from_args(args)
+    if config.wait_warm and args.foreground and args.config_fd is None:
+        raise ConfigError(
+            "--wait-warm is for background mounts; in the foreground use --ready-file or /ready"
+        )
     check_paths(config)
     if not args.foreground:
-        return _spawn_background(config)
+        status = _spawn_background(config)
+        return status if status != EXIT_OK else _wait_warm([config])
     _lock(config.mountpoint)
     setup_logging(config)
     # Imported here so that `stats`/`umount` and input errors stay fast.

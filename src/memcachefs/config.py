@@ -273,6 +273,16 @@ class CacheConfig(BaseModel):
             "SECONDS",
         ),
     ] = 10.0
+    warm_patterns: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_words),
+        Option(
+            "warm",
+            "load the files this pattern names (relative to the source root; see "
+            "memcachefs.patterns) at start; readiness waits for them (repeatable)",
+            "PATTERN",
+        ),
+    ] = ()
     push_page_cache: Annotated[
         bool,
         Option(
@@ -448,6 +458,24 @@ class MountConfig(BaseModel):
         Option("log-format", "text, or json: one JSON object per line", "FORMAT"),
     ] = "text"
 
+    ready_file: Annotated[
+        Path | None,
+        Option(
+            "ready-file",
+            "create this file once the mount serves and every --warm file is resident "
+            "(removed at unmount)",
+            "PATH",
+        ),
+    ] = None
+    wait_warm: Annotated[
+        bool,
+        Option(
+            "wait-warm",
+            "without --foreground: return only once every --warm file is resident, "
+            "showing the progress",
+            negatable=False,
+        ),
+    ] = False
     http_address: Annotated[
         Address | None,
         Option(

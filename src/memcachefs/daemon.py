@@ -16,15 +16,17 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
 import trio
 
-from memcachefs import mounts
+from memcachefs import control, mounts
 from memcachefs.blockstore import BlockStore
-from memcachefs.config import ClusterConfig, MountConfig
-from memcachefs.control import CONFIG_XATTR, STATS_XATTR
+from memcachefs.config import ClusterConfig, MountConfig, format_size
+from memcachefs.control import CONFIG_XATTR, CONTROL_XATTR, STATS_XATTR
+from memcachefs.controlserver import ControlServer, open_control_socket
 from memcachefs.errors import MemcachefsError, MountError
 from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
@@ -40,10 +42,12 @@ from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import HasStatistics, StatisticsSnapshot
 from memcachefs.pagecache import NotifyStore, PageCachePusher
+from memcachefs.patterns import Match, expand
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.peers.server import raise_descriptor_limit
 from memcachefs.prefetch import Prefetcher
 from memcachefs.source import Source
+from memcachefs.warm import TIERS, Warmer, WarmJob
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +112,12 @@ class Service:
     prefetcher: Prefetcher | None
     pusher: PageCachePusher | None
     fs: Filesystem
+    warmer: Warmer
     statistics: StatisticsSnapshot
 
     def components(self) -> list[HasStatistics]:
         parts: list[HasStatistics] = [self.store, self.loader, self.source, self.metadata]
-        parts += [self.files, self.fs]
+        parts += [self.files, self.fs, self.warmer]
         return parts + [part for part in (self.prefetcher, self.pusher) if part is not None]
 
 
@@ -177,7 +182,16 @@ def build_service(
         readdir_reply=readdir_reply,
         pusher=pusher,
     )
-    service = Service(source, store, metadata, loader, files, prefetcher, pusher, fs, statistics)
+    warmer = Warmer(
+        loader,
+        metadata,
+        window_bytes=prefetch_window_bytes,
+        on_resident=fs.push_resident,
+        on_evicted=fs.drop_pages,
+    )
+    service = Service(
+        source, store, metadata, loader, files, prefetcher, pusher, fs, warmer, statistics
+    )
     for component in service.components():
         statistics.add(component)
     return service
@@ -192,7 +206,11 @@ async def _serve(
     # Bound before anything else: a busy peer port is a clear error and nothing is mounted.
     listeners = await open_peer_listeners(cluster)
     http_socket = None
+    control_path = control.socket_path(config.mountpoint)
+    control_socket = None
     try:
+        warm_set = await warm_set_of(config)
+        control_socket = open_control_socket(control_path)
         if config.http_address is not None:
             http_socket = open_http_socket(config.http_address)
         with Source(
@@ -222,6 +240,8 @@ async def _serve(
                 fs = service.fs
                 config_json = json.dumps(config.public_dump(), sort_keys=True).encode()
                 fs.add_root_xattr(CONFIG_XATTR, lambda: config_json)
+                fs.add_root_xattr(CONTROL_XATTR, lambda: os.fsencode(control_path))
+                startup_job = WarmJob() if config.cache.warm_patterns else None
                 peer_server, client = await _start_cluster(
                     cluster, service.loader, listeners, nursery, service.statistics
                 )
@@ -231,11 +251,22 @@ async def _serve(
                 try:
                     with trio.CancelScope() as fuse_loop:
                         nursery.start_soon(_announce_ready, config, on_ready, mounted)
+                        control_server = ControlServer(
+                            control_socket, service.warmer, lambda: startup_job
+                        )
+                        nursery.start_soon(control_server.run)
+                        nursery.start_soon(
+                            _warm_at_start, service.warmer, warm_set, startup_job, mounted
+                        )
+                        if config.ready_file is not None:
+                            nursery.start_soon(
+                                _create_ready_file, config.ready_file, mounted, startup_job
+                            )
                         if http_socket is not None:
                             app = OperatorsApp(
                                 service.statistics,
                                 config.mountpoint,
-                                readiness or (lambda: (mounted.is_set(), {})),
+                                readiness or _readiness(mounted, startup_job),
                                 default_collectors(),
                             )
                             nursery.start_soon(serve_http, app, http_socket, http_stop)
@@ -263,7 +294,79 @@ async def _serve(
             listener.socket.close()
         if http_socket is not None:
             http_socket.close()  # a no-op once hypercorn took it
+        if control_socket is not None:
+            control_socket.close()
+            control_path.unlink(missing_ok=True)
+        if config.ready_file is not None:
+            config.ready_file.unlink(missing_ok=True)
     log.info("unmounted %s", config.mountpoint)
+
+
+async def warm_set_of(config: MountConfig) -> list[Match]:
+    """The files --warm names, found on the source before mounting; MountError if
+    they do not fit in the capacity. A pattern that names nothing is a warning."""
+    patterns = config.cache.warm_patterns
+    if not patterns:
+        return []
+    found = await trio.to_thread.run_sync(expand, config.source, patterns)
+    for pattern, matches in found.items():
+        if not matches:
+            log.warning("--warm %s names no file in %s", pattern, config.source)
+    unique = {match.relpath: match for matches in found.values() for match in matches}
+    total = sum(match.size for match in unique.values())
+    if total > config.cache.capacity_bytes:
+        raise MountError(
+            f"--warm names {len(unique)} files of {format_size(total)}: more than the "
+            f"capacity {format_size(config.cache.capacity_bytes)}"
+        )
+    return [unique[relpath] for relpath in sorted(unique)]
+
+
+def _warm_done(job: WarmJob | None) -> bool:
+    return job is None or job.resident
+
+
+def _readiness(
+    mounted: trio.Event, job: WarmJob | None
+) -> Callable[[], tuple[bool, dict[str, Any]]]:
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        progress = {"mounted": mounted.is_set(), "warm": None if job is None else job.snapshot()}
+        return mounted.is_set() and _warm_done(job), progress
+
+    return readiness
+
+
+async def _warm_at_start(
+    warmer: Warmer, warm_set: list[Match], job: WarmJob | None, mounted: trio.Event
+) -> None:
+    if job is None:
+        return
+    await mounted.wait()
+    versions = []
+    for match in warm_set:
+        try:
+            versions.append(await warmer.version(match.relpath))
+        except OSError as error:
+            log.warning("--warm: %s is gone (%s)", os.fsdecode(match.relpath), error.strerror)
+    total = sum(version.size for version in versions)
+    log.info("warm-up started: %d files, %s", len(versions), format_size(total))
+    await warmer.warm_until_resident(versions, job)
+    tiers = ", ".join(f"{format_size(job.tier_bytes[tier])} from {tier}" for tier in TIERS)
+    log.info(
+        "warm-up finished: %d files, %s in %.1fs (%s)",
+        job.files_done,
+        format_size(total),
+        job.seconds,
+        tiers,
+    )
+
+
+async def _create_ready_file(path: Path, mounted: trio.Event, job: WarmJob | None) -> None:
+    await mounted.wait()
+    if job is not None:
+        await job.wait_resident()
+    await trio.to_thread.run_sync(path.write_text, f"{os.getpid()}\n")
+    log.info("ready: %s created", path)
 
 
 async def open_peer_listeners(cluster: ClusterConfig) -> list[trio.SocketListener]:

@@ -8,6 +8,7 @@ turns anything unexpected into EIO plus one log line.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -22,7 +23,7 @@ import trio
 from memcachefs.errors import ReadError
 from memcachefs.handles import OpenFiles
 from memcachefs.inodes import InodeTable
-from memcachefs.keys import block_span
+from memcachefs.keys import FileVersion, block_span
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import counter, gauge
 from memcachefs.pagecache import PageCachePusher
@@ -329,6 +330,27 @@ class Filesystem(pyfuse3.Operations):
             return self.inodes.child_path(parent, name)
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
+
+    def push_resident(self, version: FileVersion) -> None:
+        """A warm-up made `version` resident: into the page cache, if the kernel
+        holds its inode (a file never looked up gets its pages at open)."""
+        inode = self.inodes.known(version.relpath)
+        known = None if inode is None else self.inodes.attributes(inode)
+        if self._pusher is None or inode is None or known is None:
+            return
+        if version_of(version.relpath, known) == version:
+            self._pusher.push(inode, version)
+
+    async def drop_pages(self, version: FileVersion) -> None:
+        """Drop the kernel's cached pages of `version` (an eviction asked for)."""
+        inode = self.inodes.known(version.relpath)
+        if inode is None:
+            return
+        if self._pusher is not None:
+            await self._pusher.stop(inode)  # no push may refill them meanwhile
+        with contextlib.suppress(OSError):  # ENOENT: the kernel forgot it meanwhile
+            # From a worker thread: the kernel may need a FUSE answer to complete it.
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
 
     def add_root_xattr(self, name: bytes, value: Callable[[], bytes]) -> None:
         """Answer getxattr(`name`) on the mount's root with `value()` (the daemon's own)."""

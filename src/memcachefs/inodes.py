@@ -72,6 +72,11 @@ class InodeTable:
             self._attributes[inode] = st
         return inode
 
+    def known(self, relpath: bytes) -> int | None:
+        """The inode the kernel holds for `relpath` now, if it holds one."""
+        inode = self._inodes.get(relpath)
+        return inode if inode is not None and self._lookups.get(inode, 0) > 0 else None
+
     def is_same_version(self, inode: int, st: os.stat_result) -> bool:
         """False if `st` (a path's attributes now) is another version than `inode`'s."""
         known = self._attributes.get(inode)

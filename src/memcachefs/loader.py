@@ -144,6 +144,18 @@ class Loader:
         await self._flight.do(key, functools.partial(self._fill_ahead, key))
         return True
 
+    async def warm(self, key: BlockKey) -> str:
+        """Make `key` resident for a warm-up; where its bytes came from: "memory"
+        (already there), "peer" or "source". ReadError if the fill failed."""
+        if self.store.get(key) is not None:  # marks it recently used
+            return "memory"
+        try:
+            return (await self._filled(key, ask_peers=True)).origin
+        except ReadError:
+            raise
+        except OSError as error:
+            raise SourceError(str(error)) from error
+
     def _adapt_window(self) -> None:
         """Halve the readahead window when its blocks were evicted unread; after a
         capacity's worth of fills without that, let it grow by one block."""
@@ -183,6 +195,7 @@ class Loader:
         try:
             view = memoryview(buffer)[:length]
             checksum = None
+            checksum_from_source = False
             if ask_peers and self._peers is not None:
                 checksum = await self._peers.fetch_into(key, view)
                 if checksum is not None:
@@ -190,6 +203,7 @@ class Loader:
                     self.counters.peer_bytes += length
             if checksum is None:
                 checksum = await self._source.read_block(key, view, self.block_size)
+                checksum_from_source = True
                 self.counters.source_bytes += length
         except trio.Cancelled:
             # A read abandoned at shutdown may still write into the buffer: drop it.
@@ -200,6 +214,8 @@ class Loader:
             self._wake_reservers()
             raise
         block = self.store.put(key, buffer, length, checksum)
+        if block.buffer is buffer and not checksum_from_source:
+            block.origin = "peer"
         self.counters.fills += 1
         self._wake_reservers()
         return block

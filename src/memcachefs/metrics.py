@@ -71,6 +71,7 @@ def statistics_classes() -> dict[str, list[type]]:
         pagecache,
         prefetch,
         source,
+        warm,
     )
     from memcachefs.peers import client, server
 
@@ -84,6 +85,7 @@ def statistics_classes() -> dict[str, list[type]]:
             fs.FilesystemStatistics,
             pagecache.PageCacheStatistics,
             prefetch.PrefetchStatistics,
+            warm.WarmStatistics,
         ],
         "cluster": [membership.MembershipStatistics, client.PeerClientStatistics],
         "peer_server": [server.PeerServerStatistics],

@@ -128,3 +128,19 @@ def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+FSTYPE = "fuse.memcachefs"  # fsname/subtype the daemon mounts with
+
+
+def mount_containing(path: str | os.PathLike[str]) -> MountEntry | None:
+    """The innermost mount that `path` (resolved) lies in; None only if there is none."""
+    real = os.path.realpath(path)
+    found = None
+    for entry in mount_entries():
+        top = entry.mountpoint.rstrip("/")
+        if (real == entry.mountpoint or real.startswith(top + "/")) and (
+            found is None or len(entry.mountpoint) >= len(found.mountpoint)
+        ):
+            found = entry
+    return found

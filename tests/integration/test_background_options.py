@@ -47,12 +47,16 @@ def non_default_values(tmp_path: Path) -> dict[str, list[str]]:
         "log-level": ["--log-level", "debug"],
         "log-format": ["--log-format", "json"],
         "http-address": ["--http-address", f"127.0.0.1:{free_port()}"],
+        "warm": ["--warm", "models/*.bin"],
+        "ready-file": ["--ready-file", str(tmp_path / "ready")],
+        "wait-warm": ["--wait-warm"],
     }
 
 
 def test_every_option_reaches_the_background_daemon(tmp_path: Path, cli_mounts) -> None:
     source, mountpoint = tmp_path / "source", tmp_path / "mnt"
-    source.mkdir()
+    (source / "models").mkdir(parents=True)
+    (source / "models" / "a.bin").write_bytes(b"w" * 5000)
     mountpoint.mkdir()
     values = non_default_values(tmp_path)
     settable = {name for name, entry in OPTIONS.items() if not entry.option.positional}
@@ -72,3 +76,4 @@ def test_every_option_reaches_the_background_daemon(tmp_path: Path, cli_mounts) 
             assert value != entry.default, entry.option.name
     log_lines = (tmp_path / "daemon.log").read_text().splitlines()
     assert any(json.loads(line)["message"].startswith("mounted") for line in log_lines)
+    assert "1 of 1 files resident" in result.stdout  # --wait-warm waited for --warm
