@@ -375,9 +375,14 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        name = getattr(record, "event", None)
+        if name is not None:
+            entry["event"] = name
+            for key, value in getattr(record, "fields", {}).items():
+                entry.setdefault(key, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def setup_logging(config: MountConfig) -> None:
