@@ -198,10 +198,10 @@ class BlockStore:
         if existing is not None:  # filled twice (never via one single-flight): keep one
             self._recycle(buffer)
             return existing
-        if (
-            self.is_pinned(key.version)
-            and self._pinned_bytes + len(buffer) <= self.pin_limit_bytes
-        ):
+        pinned = self._pinned_versions.get(key.version.relpath)
+        if pinned is not None and pinned != key.version and key.version.mtime_ns >= pinned.mtime_ns:
+            self.pin(key.version)  # the pinned file changed in the source: pin the new version
+        if self.is_pinned(key.version) and self._pinned_bytes + len(buffer) <= self.pin_limit_bytes:
             self._pinned[key] = block
             self._pinned_bytes += len(buffer)
             return block

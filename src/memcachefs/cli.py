@@ -207,6 +207,31 @@ def check_paths(config: MountConfig) -> None:
         raise ConfigError(f"/dev/fuse is not usable: {error.strerror}") from None
 
 
+def check_pins(config: MountConfig) -> None:
+    """Refuse, before mounting, a pinned set larger than --pin-share of the capacity."""
+    cache = config.cache
+    if not cache.pin_patterns:
+        return
+    from memcachefs import patterns
+
+    try:
+        found = patterns.expand_by_pattern(config.source, cache.pin_patterns)
+    except patterns.TooManyFiles as error:
+        raise ConfigError(f"--pin: {error}") from None
+    files: dict[str, int] = {}
+    for pattern, hits in found.items():
+        if not hits:
+            log.warning("--pin %s matches no file in %s", pattern, config.source)
+        files.update(hits)
+    total_bytes = sum(files.values())
+    limit_bytes = int(cache.pin_share * cache.capacity_bytes)
+    if total_bytes > limit_bytes:
+        raise ConfigError(
+            f"--pin: the pinned files ({len(files)}, {format_size(total_bytes)}) exceed "
+            f"--pin-share {cache.pin_share:g} of the capacity ({format_size(limit_bytes)})"
+        )
+
+
 def _mount_spec(args: argparse.Namespace) -> int:
     """Every cache entry of a service spec, validated all before any is mounted."""
     from memcachefs import spec
@@ -239,6 +264,7 @@ def _mount(args: argparse.Namespace) -> int:
         return _mount_spec(args)
     config = config_from_args(args)
     check_paths(config)
+    check_pins(config)
     if not args.foreground:
         return _spawn_background(config)
     _lock(config.mountpoint)

@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -25,7 +26,8 @@ from memcachefs import mounts
 from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig, MountConfig
 from memcachefs.control import CONFIG_XATTR, STATS_XATTR
-from memcachefs.errors import MemcachefsError, MountError
+from memcachefs.errors import MemcachefsError, MountError, ReadError
+from memcachefs.events import event
 from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
 from memcachefs.httpd import (
@@ -35,20 +37,23 @@ from memcachefs.httpd import (
     open_http_socket,
     serve_http,
 )
+from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import HasStatistics, StatisticsSnapshot
 from memcachefs.pagecache import NotifyStore, PageCachePusher
+from memcachefs.patterns import expand_async
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.peers.server import raise_descriptor_limit
 from memcachefs.prefetch import Prefetcher
-from memcachefs.source import Source
+from memcachefs.source import Source, version_of
 
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 UNMOUNT_POLL_S = 1.0
+PIN_FILL_CONCURRENCY = 8  # block fills of pinned files in flight at mount
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -134,9 +139,15 @@ def build_service(
     notify_store: NotifyStore = pyfuse3.notify_store,
     readdir_reply: ReaddirReply | None = None,
     static_statistics: dict[str, Any] | None = None,
+    pin_limit_bytes: int = 0,
 ) -> Service:
     """The one place the mount's components are built (the daemon and the unit tests)."""
-    store = BlockStore(capacity_bytes, block_size_bytes)
+    store = BlockStore(
+        capacity_bytes,
+        block_size_bytes,
+        pin_limit_bytes=pin_limit_bytes,
+        on_protected_evicted=_report_protected_eviction,
+    )
     metadata = MetadataCache(
         source,
         nursery,
@@ -183,6 +194,55 @@ def build_service(
     return service
 
 
+def _report_protected_eviction(version: FileVersion, pinned: bool) -> None:
+    event(
+        "pinned_file_evicted" if pinned else "warm_file_evicted",
+        level=logging.WARNING,
+        path=os.fsdecode(version.relpath),
+        size_bytes=version.size,
+    )
+
+
+async def fill_pinned(
+    source_root: Path, patterns: tuple[str, ...], store: BlockStore, loader: Loader
+) -> None:
+    """Pin the files the patterns name and fill them (a few blocks at once)."""
+    found = await expand_async(source_root, patterns)
+    relpaths = sorted({relpath for hits in found.values() for relpath, _ in hits})
+    versions = []
+    for relpath in relpaths:
+        try:
+            st = await trio.to_thread.run_sync(os.stat, source_root / relpath)
+        except OSError as error:
+            event("source_error", level=logging.WARNING, path=relpath, error=str(error))
+            continue
+        version = version_of(os.fsencode(relpath), st)
+        store.pin(version)
+        versions.append(version)
+    event("pinned", files=len(versions), bytes=sum(version.size for version in versions))
+    slots = trio.Semaphore(PIN_FILL_CONCURRENCY)
+
+    async def fill(key: BlockKey) -> None:
+        try:
+            await loader.prefetch(key)
+        except (ReadError, OSError) as error:
+            event(
+                "source_error",
+                level=logging.WARNING,
+                path=os.fsdecode(key.version.relpath),
+                error=str(error),
+            )
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for version in versions:
+            for index in range(version.block_count(store.block_size_bytes)):
+                await slots.acquire()  # at most PIN_FILL_CONCURRENCY fills at once
+                nursery.start_soon(fill, BlockKey(version, index))
+    event("pinned_filled", files=len(versions), bytes=store.statistics().pinned_bytes)
+
+
 async def _serve(
     config: MountConfig, on_ready: Callable[[], None], readiness: Readiness | None
 ) -> None:
@@ -218,6 +278,7 @@ async def _serve(
                         "mountpoint": str(config.mountpoint),
                         "source": str(config.source),
                     },
+                    pin_limit_bytes=int(cache.pin_share * cache.capacity_bytes),
                 )
                 fs = service.fs
                 config_json = json.dumps(config.public_dump(), sort_keys=True).encode()
@@ -231,6 +292,14 @@ async def _serve(
                 try:
                     with trio.CancelScope() as fuse_loop:
                         nursery.start_soon(_announce_ready, config, on_ready, mounted)
+                        if cache.pin_patterns:
+                            nursery.start_soon(
+                                fill_pinned,
+                                config.source,
+                                cache.pin_patterns,
+                                service.store,
+                                service.loader,
+                            )
                         if http_socket is not None:
                             app = OperatorsApp(
                                 service.statistics,
@@ -263,7 +332,7 @@ async def _serve(
             listener.socket.close()
         if http_socket is not None:
             http_socket.close()  # a no-op once hypercorn took it
-    log.info("unmounted %s", config.mountpoint)
+    event("unmounted", mountpoint=str(config.mountpoint))
 
 
 async def open_peer_listeners(cluster: ClusterConfig) -> list[trio.SocketListener]:
@@ -332,7 +401,7 @@ async def _announce_ready(
         await trio.to_thread.run_sync(
             mounts.set_read_ahead, entry.device, config.kernel_read_ahead_bytes // 1024
         )
-    log.info("mounted %s at %s", config.source, config.mountpoint)
+    event("mounted", source=str(config.source), mountpoint=str(config.mountpoint))
     mounted.set()
     on_ready()
 

@@ -10,6 +10,7 @@ after a sequential reader, bounded in number.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -17,10 +18,13 @@ import trio
 
 from memcachefs.blockstore import Block, BlockStore, Buffer
 from memcachefs.errors import ReadError, SourceError
+from memcachefs.events import RateLimitedEvent
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
 from memcachefs.source import Source
+
+SOURCE_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class PeerFetcher(Protocol):
@@ -78,6 +82,8 @@ class Loader:
         self._space_freed = trio.Event()
         self._readahead_in_flight = 0
         self.counters = LoaderStatistics()
+        # A failing source fails many reads: one log line per interval, with a count.
+        self._source_error = RateLimitedEvent("source_error", SOURCE_ERROR_LOG_INTERVAL_S)
 
     def set_peers(self, peers: PeerFetcher | None) -> None:
         self._peers = peers
@@ -102,9 +108,13 @@ class Loader:
             block = await self._filled(key, ask_peers=True)
             block.unread = False  # read: not a readahead block evicted unread
             return block
+        except SourceError as error:
+            self._source_error(path=os.fsdecode(key.version.relpath), error=str(error))
+            raise
         except ReadError:
             raise
         except OSError as error:
+            self._source_error(path=os.fsdecode(key.version.relpath), error=str(error))
             raise SourceError(str(error)) from error
 
     async def fill_for_peer(self, key: BlockKey) -> Block:

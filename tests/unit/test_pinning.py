@@ -49,7 +49,10 @@ def test_pinned_blocks_survive_a_flood_of_other_blocks() -> None:
 def test_pinned_blocks_past_the_limit_are_ordinary_and_reported_once() -> None:
     reported: list[tuple[FileVersion, bool]] = []
     store = BlockStore(
-        8 * BS, BS, pin_limit_bytes=2 * BS, on_protected_evicted=lambda v, p: reported.append((v, p))
+        8 * BS,
+        BS,
+        pin_limit_bytes=2 * BS,
+        on_protected_evicted=lambda v, p: reported.append((v, p)),
     )
     store.pin(PINNED)
     for index in range(4):
