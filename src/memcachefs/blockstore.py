@@ -34,6 +34,10 @@ from memcachefs.metrics import counter, gauge
 Buffer = mmap.mmap
 
 
+# Blocks an eviction for a fill ahead of readers passes over at most (bounded work).
+MAX_SPARED = 64
+
+
 class Block:
     """Immutable bytes of one block: a buffer, the valid length and its xxh3-64.
 
@@ -166,12 +170,17 @@ class BlockStore:
         return len(self._lru) + len(self._pinned)
 
     # -- filling -------------------------------------------------------------
-    def try_allocate(self, length: int) -> Buffer | None:
+    def try_allocate(
+        self, length: int, spare: Callable[[BlockKey], bool] | None = None
+    ) -> Buffer | None:
         """A buffer for a block of `length` bytes, reserved against the budget.
 
         Evicts least recently used blocks to make room. Returns None only when
         fills in flight already reserve the whole budget; the caller waits for
-        `put` or `release` and tries again.
+        `put` or `release` and tries again. A fill ahead of its readers passes
+        `spare`: blocks it answers True for (an open handle is about to read
+        them) are passed over, as long as another block can go (at most
+        MAX_SPARED per eviction are looked at).
         """
         if not 0 < length <= self.block_size_bytes:
             raise ValueError(f"bad block length {length}")
@@ -183,7 +192,7 @@ class BlockStore:
             if self._free:
                 self._free.pop()  # spares are full-size; this fill wants another size
             elif self._lru:
-                self._lru.popitem()
+                self._evict_one(spare)
             else:
                 return None
         buffer = self._take_buffer(length)
@@ -229,6 +238,27 @@ class BlockStore:
             self._retire(block)
 
     # -- internals -----------------------------------------------------------
+    def _evict_one(self, spare: Callable[[BlockKey], bool] | None) -> None:
+        if spare is None:
+            self._lru.popitem()
+            return
+        passed: list[tuple[BlockKey, Block]] = []
+        try:
+            while self._lru and len(passed) < MAX_SPARED:
+                key, block = LRUCache.popitem(self._lru)  # no eviction yet: look first
+                if not spare(key):
+                    self._evicted(key, block)
+                    return
+                passed.append((key, block))
+            if self._lru:
+                self._lru.popitem()
+            elif passed:  # every block is about to be read: the oldest goes all the same
+                key, block = passed.pop(0)
+                self._evicted(key, block)
+        finally:
+            for key, block in passed:  # back, as most recently used (they are wanted)
+                self._lru[key] = block
+
     def _total_bytes(self) -> int:
         free_bytes = len(self._free) * self.block_size_bytes
         pinned = self._pinned_bytes

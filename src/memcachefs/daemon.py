@@ -170,6 +170,7 @@ def build_service(
         )
     )
     files = OpenFiles(source, metadata, loader, nursery, prefetcher)
+    loader.set_reader_guard(files.about_to_read)
     pusher = (
         PageCachePusher(
             store, nursery, notify_store=notify_store, reader_position=files.reader_position
