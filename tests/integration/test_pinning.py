@@ -80,3 +80,16 @@ def test_pin_share_is_validated(memcachefs_source: Path, tmp_path: Path) -> None
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "pin-share" in result.stderr
+
+
+def test_a_pin_pattern_matching_nothing_is_a_warning(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="4M",
+        args=[*ARGS, "--pin", "nothing/*.gguf"],
+        expected_log=["matches no file"],
+    )
+    assert "--pin nothing/*.gguf matches no file" in fs.log_text()
+    assert fs.stats()["pinned_files"] == 0
