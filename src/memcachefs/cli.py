@@ -226,6 +226,31 @@ def check_paths(config: MountConfig) -> None:
         raise ConfigError(f"/dev/fuse is not usable: {error.strerror}") from None
 
 
+def check_pins(config: MountConfig) -> None:
+    """Refuse, before mounting, a pinned set larger than --pin-share of the capacity."""
+    cache = config.cache
+    if not cache.pin_patterns:
+        return
+    from memcachefs import patterns
+
+    try:
+        found = patterns.expand_by_pattern(config.source, cache.pin_patterns)
+    except patterns.TooManyFiles as error:
+        raise ConfigError(f"--pin: {error}") from None
+    files: dict[str, int] = {}
+    for pattern, hits in found.items():
+        if not hits:
+            log.warning("--pin %s matches no file in %s", pattern, config.source)
+        files.update(hits)
+    total_bytes = sum(files.values())
+    limit_bytes = int(cache.pin_share * cache.capacity_bytes)
+    if total_bytes > limit_bytes:
+        raise ConfigError(
+            f"--pin: the pinned files ({len(files)}, {format_size(total_bytes)}) exceed "
+            f"--pin-share {cache.pin_share:g} of the capacity ({format_size(limit_bytes)})"
+        )
+
+
 def _mount_spec(args: argparse.Namespace) -> int:
     """Every cache entry of a service spec, validated all before any is mounted."""
     from memcachefs import spec
@@ -274,6 +299,7 @@ def _mount(args: argparse.Namespace) -> int:
             "--wait-warm is for background mounts; in the foreground use --ready-file or /ready"
         )
     check_paths(config)
+    check_pins(config)
     if not args.foreground:
         status = _spawn_background(config)
         return status if status != EXIT_OK else _wait_warm([config])
@@ -411,9 +437,14 @@ class _JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        name = getattr(record, "event", None)
+        if name is not None:
+            entry["event"] = name
+            for key, value in getattr(record, "fields", {}).items():
+                entry.setdefault(key, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
 
 
 def setup_logging(config: MountConfig) -> None:

@@ -240,6 +240,26 @@ class CacheConfig(BaseModel):
             "PATTERN",
         ),
     ] = DEFAULT_PATTERNS
+    pin_patterns: Annotated[
+        tuple[str, ...],
+        BeforeValidator(_words),
+        Option(
+            "pin",
+            "glob of files, relative to the source root (e.g. models/sd/*.safetensors, "
+            "**/*.gguf), whose blocks stay out of LRU eviction; filled at mount (repeatable)",
+            "PATTERN",
+        ),
+    ] = ()
+    pin_share: Annotated[
+        float,
+        Field(gt=0, le=1),
+        Option(
+            "pin-share",
+            "the largest share of the capacity pinned files may take; a larger pinned set "
+            "is refused at start",
+            "FRACTION",
+        ),
+    ] = 0.5
     no_prefetch: Annotated[
         bool, Option("no-prefetch", "do not prefetch model files when opened", negatable=False)
     ] = False

@@ -27,7 +27,8 @@ from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig, MountConfig, format_size
 from memcachefs.control import CONFIG_XATTR, CONTROL_XATTR, STATS_XATTR
 from memcachefs.controlserver import ControlServer, open_control_socket
-from memcachefs.errors import MemcachefsError, MountError
+from memcachefs.errors import MemcachefsError, MountError, ReadError
+from memcachefs.events import event
 from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
 from memcachefs.httpd import (
@@ -37,22 +38,24 @@ from memcachefs.httpd import (
     open_http_socket,
     serve_http,
 )
+from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import HasStatistics, StatisticsSnapshot
 from memcachefs.pagecache import NotifyStore, PageCachePusher
-from memcachefs.patterns import Match, expand
+from memcachefs.patterns import expand_async
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.peers.server import raise_descriptor_limit
 from memcachefs.prefetch import Prefetcher
-from memcachefs.source import Source
+from memcachefs.source import Source, version_of
 from memcachefs.warm import TIERS, Warmer, WarmJob
 
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 UNMOUNT_POLL_S = 1.0
+PIN_FILL_CONCURRENCY = 8  # block fills of pinned files in flight at mount
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -139,9 +142,15 @@ def build_service(
     notify_store: NotifyStore = pyfuse3.notify_store,
     readdir_reply: ReaddirReply | None = None,
     static_statistics: dict[str, Any] | None = None,
+    pin_limit_bytes: int = 0,
 ) -> Service:
     """The one place the mount's components are built (the daemon and the unit tests)."""
-    store = BlockStore(capacity_bytes, block_size_bytes)
+    store = BlockStore(
+        capacity_bytes,
+        block_size_bytes,
+        pin_limit_bytes=pin_limit_bytes,
+        on_protected_evicted=_report_protected_eviction,
+    )
     metadata = MetadataCache(
         source,
         nursery,
@@ -164,6 +173,7 @@ def build_service(
         )
     )
     files = OpenFiles(source, metadata, loader, nursery, prefetcher)
+    loader.set_reader_guard(files.about_to_read)
     pusher = (
         PageCachePusher(
             store, nursery, notify_store=notify_store, reader_position=files.reader_position
@@ -195,6 +205,55 @@ def build_service(
     for component in service.components():
         statistics.add(component)
     return service
+
+
+def _report_protected_eviction(version: FileVersion, pinned: bool) -> None:
+    event(
+        "pinned_file_evicted" if pinned else "warm_file_evicted",
+        level=logging.WARNING,
+        path=os.fsdecode(version.relpath),
+        size_bytes=version.size,
+    )
+
+
+async def fill_pinned(
+    source_root: Path, patterns: tuple[str, ...], store: BlockStore, loader: Loader
+) -> None:
+    """Pin the files the patterns name and fill them (a few blocks at once)."""
+    found = await expand_async(source_root, patterns)
+    relpaths = sorted({relpath for hits in found.values() for relpath, _ in hits})
+    versions = []
+    for relpath in relpaths:
+        try:
+            st = await trio.to_thread.run_sync(os.stat, source_root / relpath)
+        except OSError as error:
+            event("source_error", level=logging.WARNING, path=relpath, error=str(error))
+            continue
+        version = version_of(os.fsencode(relpath), st)
+        store.pin(version)
+        versions.append(version)
+    event("pinned", files=len(versions), bytes=sum(version.size for version in versions))
+    slots = trio.Semaphore(PIN_FILL_CONCURRENCY)
+
+    async def fill(key: BlockKey) -> None:
+        try:
+            await loader.prefetch(key)
+        except (ReadError, OSError) as error:
+            event(
+                "source_error",
+                level=logging.WARNING,
+                path=os.fsdecode(key.version.relpath),
+                error=str(error),
+            )
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for version in versions:
+            for index in range(version.block_count(store.block_size_bytes)):
+                await slots.acquire()  # at most PIN_FILL_CONCURRENCY fills at once
+                nursery.start_soon(fill, BlockKey(version, index))
+    event("pinned_filled", files=len(versions), bytes=store.statistics().pinned_bytes)
 
 
 async def _serve(
@@ -236,6 +295,7 @@ async def _serve(
                         "mountpoint": str(config.mountpoint),
                         "source": str(config.source),
                     },
+                    pin_limit_bytes=int(cache.pin_share * cache.capacity_bytes),
                 )
                 fs = service.fs
                 config_json = json.dumps(config.public_dump(), sort_keys=True).encode()
@@ -261,6 +321,14 @@ async def _serve(
                         if config.ready_file is not None:
                             nursery.start_soon(
                                 _create_ready_file, config.ready_file, mounted, startup_job
+                            )
+                        if cache.pin_patterns:
+                            nursery.start_soon(
+                                fill_pinned,
+                                config.source,
+                                cache.pin_patterns,
+                                service.store,
+                                service.loader,
                             )
                         if http_socket is not None:
                             app = OperatorsApp(
@@ -299,27 +367,27 @@ async def _serve(
             control_path.unlink(missing_ok=True)
         if config.ready_file is not None:
             config.ready_file.unlink(missing_ok=True)
-    log.info("unmounted %s", config.mountpoint)
+    event("unmounted", mountpoint=str(config.mountpoint))
 
 
-async def warm_set_of(config: MountConfig) -> list[Match]:
+async def warm_set_of(config: MountConfig) -> list[tuple[bytes, int]]:
     """The files --warm names, found on the source before mounting; MountError if
     they do not fit in the capacity. A pattern that names nothing is a warning."""
     patterns = config.cache.warm_patterns
     if not patterns:
         return []
-    found = await trio.to_thread.run_sync(expand, config.source, patterns)
-    for pattern, matches in found.items():
-        if not matches:
+    found = await expand_async(config.source, patterns)
+    for pattern, hits in found.items():
+        if not hits:
             log.warning("--warm %s names no file in %s", pattern, config.source)
-    unique = {match.relpath: match for matches in found.values() for match in matches}
-    total = sum(match.size for match in unique.values())
+    unique = {os.fsencode(relpath): size for hits in found.values() for relpath, size in hits}
+    total = sum(unique.values())
     if total > config.cache.capacity_bytes:
         raise MountError(
             f"--warm names {len(unique)} files of {format_size(total)}: more than the "
             f"capacity {format_size(config.cache.capacity_bytes)}"
         )
-    return [unique[relpath] for relpath in sorted(unique)]
+    return sorted(unique.items())
 
 
 def _warm_done(job: WarmJob | None) -> bool:
@@ -337,17 +405,17 @@ def _readiness(
 
 
 async def _warm_at_start(
-    warmer: Warmer, warm_set: list[Match], job: WarmJob | None, mounted: trio.Event
+    warmer: Warmer, warm_set: list[tuple[bytes, int]], job: WarmJob | None, mounted: trio.Event
 ) -> None:
     if job is None:
         return
     await mounted.wait()
     versions = []
-    for match in warm_set:
+    for relpath, _ in warm_set:
         try:
-            versions.append(await warmer.version(match.relpath))
+            versions.append(await warmer.version(relpath))
         except OSError as error:
-            log.warning("--warm: %s is gone (%s)", os.fsdecode(match.relpath), error.strerror)
+            log.warning("--warm: %s is gone (%s)", os.fsdecode(relpath), error.strerror)
     total = sum(version.size for version in versions)
     log.info("warm-up started: %d files, %s", len(versions), format_size(total))
     await warmer.warm_until_resident(versions, job)
@@ -435,7 +503,7 @@ async def _announce_ready(
         await trio.to_thread.run_sync(
             mounts.set_read_ahead, entry.device, config.kernel_read_ahead_bytes // 1024
         )
-    log.info("mounted %s at %s", config.source, config.mountpoint)
+    event("mounted", source=str(config.source), mountpoint=str(config.mountpoint))
     mounted.set()
     on_ready()
 

@@ -35,6 +35,8 @@ from memcachefs.source import Source
 
 # How long a version found by an open that raced a change waits for the kernel's retry.
 WAITING_VERSION_S = 2.0
+# Blocks at or just after a reader's position that fills ahead of readers never evict.
+ABOUT_TO_READ_BLOCKS = 2
 
 
 @dataclass
@@ -163,6 +165,15 @@ class OpenFiles:
             if self._prefetcher is not None:
                 self._prefetcher.read(handle.version, index)
         return await self._loader.block(BlockKey(handle.version, index), wanted_bytes)
+
+    def about_to_read(self, key: BlockKey) -> bool:
+        """Whether an open handle's reader is at `key` or just before it (within
+        ABOUT_TO_READ_BLOCKS): readahead and prefetch must not evict it."""
+        return any(
+            h.version == key.version
+            and h.last_index <= key.index <= h.last_index + ABOUT_TO_READ_BLOCKS
+            for h in self._files.values()
+        )
 
     def reader_position(self, inode: int) -> int:
         """The furthest block an open handle of `inode` has read (-1: none yet)."""

@@ -10,6 +10,8 @@ after a sequential reader, bounded in number.
 from __future__ import annotations
 
 import functools
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -17,10 +19,13 @@ import trio
 
 from memcachefs.blockstore import Block, BlockStore, Buffer
 from memcachefs.errors import ReadError, SourceError
+from memcachefs.events import RateLimitedEvent
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
 from memcachefs.source import Source
+
+SOURCE_ERROR_LOG_INTERVAL_S = 10.0
 
 
 class PeerFetcher(Protocol):
@@ -77,10 +82,18 @@ class Loader:
         self._fills_at_last_change = 0
         self._space_freed = trio.Event()
         self._readahead_in_flight = 0
+        self._about_to_read: Callable[[BlockKey], bool] | None = None
         self.counters = LoaderStatistics()
+        # A failing source fails many reads: one log line per interval, with a count.
+        self._source_error = RateLimitedEvent("source_error", SOURCE_ERROR_LOG_INTERVAL_S)
 
     def set_peers(self, peers: PeerFetcher | None) -> None:
         self._peers = peers
+
+    def set_reader_guard(self, about_to_read: Callable[[BlockKey], bool]) -> None:
+        """Fills ahead of readers (readahead, prefetch) never evict a block for
+        which `about_to_read` is True while another block can go."""
+        self._about_to_read = about_to_read
 
     def cached(self, key: BlockKey) -> Block | None:
         """The block if it is in memory (no fill, no statistics)."""
@@ -102,9 +115,13 @@ class Loader:
             block = await self._filled(key, ask_peers=True)
             block.unread = False  # read: not a readahead block evicted unread
             return block
+        except SourceError as error:
+            self._source_error(path=os.fsdecode(key.version.relpath), error=str(error))
+            raise
         except ReadError:
             raise
         except OSError as error:
+            self._source_error(path=os.fsdecode(key.version.relpath), error=str(error))
             raise SourceError(str(error)) from error
 
     async def fill_for_peer(self, key: BlockKey) -> Block:
@@ -181,17 +198,17 @@ class Loader:
         """A fill for no reader yet: its block counts as unread until a reader takes it
         (marked before any waiter wakes, so a reader's take is never undone)."""
         already = self.store.get(key)
-        block = await self._fill(key)
+        block = await self._fill(key, ahead=True)
         if block is not already:
             block.unread = True
         return block
 
-    async def _fill(self, key: BlockKey, *, ask_peers: bool = True) -> Block:
+    async def _fill(self, key: BlockKey, *, ask_peers: bool = True, ahead: bool = False) -> Block:
         block = self.store.get(key)  # filled while this fill waited to start
         if block is not None:
             return block
         length = key.length(self.block_size)
-        buffer = await self._reserve(length)
+        buffer = await self._reserve(length, spare=self._about_to_read if ahead else None)
         try:
             view = memoryview(buffer)[:length]
             checksum = None
@@ -220,8 +237,10 @@ class Loader:
         self._wake_reservers()
         return block
 
-    async def _reserve(self, length: int) -> Buffer:
-        while (buffer := self.store.try_allocate(length)) is None:
+    async def _reserve(
+        self, length: int, spare: Callable[[BlockKey], bool] | None = None
+    ) -> Buffer:
+        while (buffer := self.store.try_allocate(length, spare)) is None:
             await self._space_freed.wait()
         return buffer
 

@@ -28,6 +28,7 @@ import trio
 
 from memcachefs.config import ClusterConfig, parse_host_port
 from memcachefs.errors import ConfigError
+from memcachefs.events import event
 from memcachefs.metrics import counter, gauge
 
 log = logging.getLogger(__name__)
@@ -210,11 +211,11 @@ class Membership:
             self.peers = frozenset(peers)
             self.version += 1
             self._changes += 1
-            log.info(
-                "cluster members: %s (added %s, removed %s)",
-                ", ".join(sorted(peers)) or "none",
-                ", ".join(sorted(added)) or "none",
-                ", ".join(sorted(removed)) or "none",
+            event(
+                "members_changed",
+                members=",".join(sorted(peers)),
+                added=",".join(sorted(added)),
+                removed=",".join(sorted(removed)),
             )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -50,6 +50,8 @@ def non_default_values(tmp_path: Path) -> dict[str, list[str]]:
         "warm": ["--warm", "models/*.bin"],
         "ready-file": ["--ready-file", str(tmp_path / "ready")],
         "wait-warm": ["--wait-warm"],
+        "pin": ["--pin", "models/*.bin"],
+        "pin-share": ["--pin-share", "0.25"],
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -11,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from support import drop_page_cache, free_port, in_thread, run_cli
+from support import drop_page_cache, free_port, in_thread, run_cli, wait_until
 
 from memcachefs import mounts
 from memcachefs.metrics import metric_names
@@ -312,3 +313,30 @@ def test_a_connection_flood_does_not_starve_the_mount_or_its_peers(
     finally:
         for connection in flood:
             connection.close()
+
+
+def test_peer_down_and_up_are_one_event_line_each(source: Path, memcachefs_mount) -> None:
+    port = free_port()
+    reader = memcachefs_mount(
+        source, capacity="64M", args=["--peer", addr(port), "--log-format", "json"]
+    )
+    assert (reader.path / "model.bin").read_bytes() == (source / "model.bin").read_bytes()
+
+    def events(name: str) -> list[dict]:
+        entries = [json.loads(line) for line in reader.log_text().splitlines() if line.strip()]
+        return [entry for entry in entries if entry.get("event") == name]
+
+    (down,) = events("peer_down")  # one line, however many fills it failed
+    assert down["peer"] == addr(port) and down["kind"] == "refused"
+    memcachefs_mount(source, capacity="64M", args=["--listen", addr(port)])
+    probes = iter(range(1000))
+
+    def back() -> list[dict]:
+        # A new file is a miss, and a miss asks the peer once its backoff is over.
+        name = f"probe{next(probes)}.raw"
+        (source / name).write_bytes(os.urandom(64 * 1024))
+        (reader.path / name).read_bytes()
+        return events("peer_up")
+
+    (up,) = wait_until(back, "the peer_up event", interval_s=0.2)
+    assert up["peer"] == addr(port) and up["failed_tries"] >= 1

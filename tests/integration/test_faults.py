@@ -140,7 +140,7 @@ def test_shutdown_with_a_stalled_source_ends_within_the_grace_period(
         else:
             result = run_cli("umount", fs.path, timeout_s=30)
             assert result.returncode == 0, result.stderr
-        wait_until(lambda: "INFO memcachefs.daemon: unmounted" in fs.log_text(), "the unmount")
+        wait_until(lambda: "INFO memcachefs.events: unmounted" in fs.log_text(), "the unmount")
         assert not fs.mounted
         assert time.monotonic() - started < 1 + 8  # the grace period, and a few seconds
         with pytest.raises(OSError):

@@ -195,7 +195,7 @@ def test_warm_at_start_gates_readiness(fault_source, memcachefs_mount, tmp_path:
             capacity="16M",
             args=[
                 "--block-size", "1M",
-                "--warm", "*.safetensors",
+                "--warm", "**/*.safetensors",
                 "--warm", "nothing/*.gguf",
                 "--ready-file", str(ready_file),
                 "--http-address", f"127.0.0.1:{port}",

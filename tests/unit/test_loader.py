@@ -321,3 +321,37 @@ async def test_readahead_under_memory_pressure_does_not_amplify_source_reads(
     source_bytes = len(fake.reads) * BS
     assert delivered == 8 * 64 * BS
     assert source_bytes / delivered <= 1.5
+
+
+async def test_readahead_never_evicts_a_block_an_open_handle_is_about_to_read(fake) -> None:
+    store = BlockStore(8 * BS, BS)
+    short, big = fake.version(b"short"), fake.version(b"big")
+    wanted = BlockKey(short, 1)  # a handle of `short` read block 0: block 1 is next
+    async with trio.open_nursery() as nursery:
+        loader = Loader(store, fake, nursery, read_ahead_blocks=2)
+        loader.set_reader_guard(lambda key: key == wanted)
+        await loader.block(BlockKey(short, 0), BS)
+        await loader.block(wanted, 10)
+        for index in range(6):
+            await loader.block(BlockKey(big, index), BS)
+        assert len(store) == 8  # full: the two blocks of `short` are the least recent
+        loader.read_ahead(big, 5)  # fills 6 and 7: two blocks must go
+    assert BlockKey(big, 6) in store and BlockKey(big, 7) in store
+    assert wanted in store  # passed over although it was the least recently used but one
+    assert BlockKey(short, 0) not in store and BlockKey(big, 0) not in store
+    assert within_budget(store)
+
+
+async def test_a_reader_s_own_fill_is_not_held_back_by_the_guard(fake) -> None:
+    store = BlockStore(2 * BS, BS)
+    short, big = fake.version(b"short"), fake.version(b"big")
+    async with trio.open_nursery() as nursery:
+        loader = Loader(store, fake, nursery, read_ahead_blocks=0)
+        loader.set_reader_guard(lambda key: True)  # every block is about to be read
+        await loader.block(BlockKey(short, 0), BS)
+        await loader.block(BlockKey(short, 1), 10)
+        block = await loader.block(BlockKey(big, 0), BS)  # evicts as ever
+        assert bytes(block.view) == fake.files[b"big"][:BS]
+        assert await loader.prefetch(BlockKey(big, 1))  # all spared: the oldest goes anyway
+    assert BlockKey(big, 0) in store or BlockKey(big, 1) in store
+    assert len(store) == 2 and within_budget(store)

@@ -20,6 +20,7 @@ from prometheus_client import Histogram
 
 from memcachefs import protocol
 from memcachefs.errors import PeerError
+from memcachefs.events import event
 from memcachefs.keys import BlockKey
 from memcachefs.membership import Membership
 from memcachefs.metrics import counter, gauge
@@ -146,7 +147,7 @@ class PeerClient:
                 health.probing = False
         failures = health.succeeded()
         if failures:
-            log.info("peer %s is back after %d failed tries", peer.member, failures)
+            event("peer_up", peer=peer.member, failed_tries=failures)
         self._router.remember(
             key.version, peer.member, hit=checksum is not None, memory_only=memory_only
         )
@@ -197,7 +198,7 @@ class PeerClient:
                     BACKOFF_MAX_S,
                 )
         elif peer.health.failures == 1:
-            log.info("peer %s marked down (%s: %s)", peer.member, error.kind, error)
+            event("peer_down", peer=peer.member, kind=error.kind, error=str(error))
 
     def close(self) -> None:
         self._router.close()
