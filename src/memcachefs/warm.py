@@ -166,9 +166,19 @@ class Warmer:
             )
             await trio.sleep(pause_s)
             pause_s = min(RETRY_MAX_S, pause_s * 2)
-            failed = {os.fsencode(path) for path in job.errors}
+            failed = [os.fsencode(path) for path in job.errors]
             job.errors.clear()
-            await self._run([version for version in versions if version.relpath in failed], job)
+            await self._run(await self._current(failed, job), job)
+
+    async def _current(self, relpaths: list[bytes], job: WarmJob) -> list[FileVersion]:
+        """The versions the paths hold now (a file replaced meanwhile is warmed anew)."""
+        versions = []
+        for relpath in relpaths:
+            try:
+                versions.append(await self.version(relpath))
+            except OSError as error:
+                job.errors[os.fsdecode(relpath)] = error.strerror or str(error)
+        return versions
 
     async def _run(self, versions: Sequence[FileVersion], job: WarmJob) -> None:
         self.counters.warm_jobs += 1

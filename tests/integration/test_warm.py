@@ -181,44 +181,65 @@ def _ready(port: int) -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
-def test_warm_at_start_gates_readiness(fault_source, memcachefs_mount, tmp_path: Path) -> None:
-    (fault_source.backing / "models").mkdir()
+def test_warm_at_start_then_ready(
+    memcachefs_source: Path, memcachefs_mount, tmp_path: Path
+) -> None:
+    (memcachefs_source / "models").mkdir()
     data = random.Random(4).randbytes(2 * MiB)
-    (fault_source.backing / "models" / "m.safetensors").write_bytes(data)
-    (fault_source.backing / "notes.txt").write_text("hello")
+    (memcachefs_source / "models" / "m.safetensors").write_bytes(data)
     ready_file = tmp_path / "ready"
     port = free_port()
-    fault_source.stall_file.touch()  # the warm-up cannot finish until the source answers
-    try:
-        fs = memcachefs_mount(
-            fault_source.path,
-            capacity="16M",
-            args=[
-                "--block-size", "1M",
-                "--warm", "**/*.safetensors",
-                "--warm", "nothing/*.gguf",
-                "--ready-file", str(ready_file),
-                "--http-address", f"127.0.0.1:{port}",
-            ],
-            expected_log=[r"--warm nothing/\*\.gguf names no file"],
-        )  # fmt: skip
-        status, progress = _ready(port)
-        assert status == 503
-        assert progress["ready"] is False
-        assert progress["mounted"] is True
-        assert progress["warm"]["files"] == 1  # type: ignore[index]
-        assert progress["warm"]["total_bytes"] == len(data)  # type: ignore[index]
-        assert not ready_file.exists()
-        assert (fs.path / "notes.txt").read_text() == "hello"  # the mount serves meanwhile
-    finally:
-        fault_source.stall_file.unlink()
+    fs = memcachefs_mount(
+        memcachefs_source,
+        capacity="16M",
+        args=[
+            "--block-size", "1M",
+            "--warm", "**/*.safetensors",
+            "--warm", "nothing/*.gguf",
+            "--ready-file", str(ready_file),
+            "--http-address", f"127.0.0.1:{port}",
+        ],
+        expected_log=[r"--warm nothing/\*\.gguf names no file"],
+    )  # fmt: skip
     assert wait_until(ready_file.exists, DEADLINE_S)
     status, progress = _ready(port)
     assert status == 200
-    assert progress["warm"]["files_done"] == 1  # type: ignore[index]
-    assert fs.stats()["used_bytes"] == len(data)
+    assert progress["ready"] is True
+    assert progress["warm"]["files"] == progress["warm"]["files_done"] == 1  # type: ignore[index]
+    assert progress["warm"]["source_bytes"] == len(data)  # type: ignore[index]
+    stats = fs.stats()
+    assert stats["used_bytes"] == stats["source_bytes"] == len(data)
+    assert (fs.path / "models" / "m.safetensors").read_bytes() == data
+    assert fs.stats()["source_bytes"] == len(data)  # the read found it resident
     assert fs.unmount() == 0
     assert not ready_file.exists()  # removed at unmount
+
+
+def test_not_ready_while_a_warm_file_fails(fault_source, memcachefs_mount, tmp_path: Path) -> None:
+    (fault_source.backing / "bad.eio.bin").write_bytes(b"b" * MiB)
+    (fault_source.backing / "notes.txt").write_text("hello")
+    ready_file = tmp_path / "ready"
+    port = free_port()
+    fs = memcachefs_mount(
+        fault_source.path,
+        capacity="16M",
+        args=[
+            "--block-size", "1M",
+            "--warm", "*.eio.bin",
+            "--ready-file", str(ready_file),
+            "--http-address", f"127.0.0.1:{port}",
+        ],
+        expected_log=[r"bad\.eio", r"could not be loaded"],
+    )  # fmt: skip
+    assert wait_until(lambda: fs.stats()["warm_errors"] >= 1, DEADLINE_S)
+    status, progress = _ready(port)
+    assert status == 503
+    assert progress["ready"] is False
+    assert progress["mounted"] is True
+    errors = progress["warm"]["errors"]  # type: ignore[index]
+    assert [error["path"] for error in errors] == ["bad.eio.bin"]  # type: ignore[index]
+    assert not ready_file.exists()
+    assert (fs.path / "notes.txt").read_text() == "hello"  # the mount serves meanwhile
 
 
 def test_mount_refuses_a_warm_set_larger_than_the_capacity(
