@@ -540,8 +540,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[4 * MiB, 256 * MiB],
         help="metadata: the capacities mounted, one case each (4M,256M)",
     )
-    add("--blocks", type=lib.size_arg, default=88 * MiB, help="metadata: bytes of blocks read "
-        "first where the capacity holds them (88M)")
+    add(
+        "--blocks",
+        type=lib.size_arg,
+        default=88 * MiB,
+        help="metadata: bytes of blocks read first where the capacity holds them (88M)",
+    )
     add("--json", type=Path, help="write every sample here")
     add("--png", type=Path, help="write a chart here (needs the 'bench' extra)")
     add("--markdown", type=Path, help="write the README results text here")

@@ -324,3 +324,38 @@ async def test_a_stall_answers_xattrs_and_statfs_from_the_previous_answers(
         assert raised.value.errno == errno.EIO
         assert cache.statistics().unanswered_timeouts == 1
         source.unstall.set()
+
+
+async def test_stale_attributes_of_a_listed_directory_are_refreshed_by_chunk(
+    root: Path, source: Source
+) -> None:
+    """A sweep of a large listed directory after the TTL (ls -l outlasting it) asks the
+    source once per chunk of the listing, not once per entry; a change and a removal
+    found by the chunk refresh are seen."""
+    from memcachefs.metadata import XATTR_CHUNK
+
+    (root / "d").mkdir()
+    names = [f"f{i:05d}".encode() for i in range(2 * XATTR_CHUNK + 10)]
+    for name in names:
+        (root / "d" / name.decode()).write_bytes(b"")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        await cache.listdir(b"d")
+        clock.now += TTL_S * 2  # every attribute is stale now
+        (root / "d" / "f00001").write_bytes(b"abc")
+        (root / "d" / "f00002").unlink()
+        calls = source_calls(source)
+        sizes = {}
+        for name in names:
+            try:
+                sizes[name] = (await cache.lstat(b"d/" + name)).st_size
+            except FileNotFoundError:
+                sizes[name] = None
+        # 3 chunks, plus the one lstat that confirms the removed entry is gone
+        assert source_calls(source) - calls == 3 + 1
+        assert sizes[b"f00001"] == 3 and sizes[b"f00002"] is None
+        assert sum(1 for size in sizes.values() if size == 0) == len(names) - 2
+        calls = source_calls(source)
+        await cache.lstat(b"d/f00300")  # fresh from its chunk: no new call
+        assert source_calls(source) == calls
