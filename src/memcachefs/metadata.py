@@ -212,18 +212,23 @@ class MetadataCache:
         cached = self._cache.get(relpath)
         if cached is not None and self._clock() - cached.fetched_at < self._ttl_s:
             return cached.value  # type: ignore[no-any-return]
-        # A stale entry of a cached listing: refreshed with its chunk (single-flight).
-        chunk = None if cached is None else self._listed_chunk(relpath)
-        if cached is not None and chunk is not None:
+        # An entry of a cached listing, stale or evicted for the budget: refreshed with
+        # its chunk (single-flight), so a sweep of a directory larger than the budget
+        # or slower than the TTL asks the source once per chunk, not once per entry.
+        chunk = self._listed_chunk(relpath)
+        if chunk is not None:
             head, listing, number = chunk
             fetch = functools.partial(self._fetch_attr_chunk, head, listing, number)
-            if await self._ask(("attr-chunk", head, number), fetch, True) is None:
+            key = ("attr-chunk", head, number)
+            if cached is None:
+                await self._flight.do(key, fetch)
+            elif await self._ask(key, fetch, True) is None:
                 self._stale_answers += 1
                 return cached.value  # type: ignore[no-any-return]
-            fresh = self._cache.peek(relpath)
+            fresh = self._cache.get(relpath)
             if fresh is not None and self._clock() - fresh.fetched_at < self._ttl_s:
                 return fresh.value  # type: ignore[no-any-return]
-        # Not cached (new, evicted), not listed, or gone from its chunk: asked alone.
+        # Not listed, or gone from its chunk: asked alone.
         cached = await self._lookup(relpath, relpath, self._fetch_attr)
         return cached.value  # type: ignore[no-any-return]
 
@@ -232,7 +237,7 @@ class MetadataCache:
         if not relpath:
             return None
         head, _, name = relpath.rpartition(b"/")
-        listing = self._cache.peek(_LISTING_KEY + head)
+        listing = self._cache.get(_LISTING_KEY + head)  # in use: the last to be evicted
         if listing is None:
             return None
         index = bisect.bisect_left(listing.value, name, key=lambda entry: entry[0])
@@ -388,10 +393,12 @@ class MetadataCache:
         now = self._clock()
         size = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name, _ in listing)
         item = _Cached(listing, now, size)
-        self._cache.put(key, item)
         prefix = relpath + b"/" if relpath else b""
         for name, st in listing:
             self._store_attr(prefix + name, st, now)
+        # Stored after its entries: a directory with more entries than the budget holds
+        # evicts its first entries' attributes, not its listing (its chunks need it).
+        self._cache.put(key, item)
         return item
 
     async def _fetch_statfs(self) -> os.statvfs_result:
