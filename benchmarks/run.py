@@ -6,13 +6,15 @@
     python benchmarks/run.py suite  [--size 1G] [--repeat 5] [--cold-repeat 3] [--skip GROUP]
     python benchmarks/run.py rss    [--capacity 512M] [--files 8] [--readers 16] [--duration 30]
     python benchmarks/run.py switch [--size 256M,1G,2G] [--repeat 5] [--cold-repeat 3]
+    python benchmarks/run.py metadata [--entries 100000] [--capacity-cases 4M,256M] [--blocks 88M]
+                                      [--repeat 3]
     python benchmarks/run.py --list
         any preset: [--json F] [--png F] [--markdown F] [--smoke] [--workdir DIR] [--keep]
 
 Every figure is a ratio to a ceiling measured in the same run: each scenario names
 its ceiling in SCENARIOS, each preset its goals. Goals are reported, never
 asserted (exit 0 unless a step fails: 2, or the run is interrupted: 130), except
-that the rss preset is a check and exits 1 when it fails.
+that the rss and metadata presets are checks of the RSS bound and exit 1 when it fails.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib
+import metabench
 import slowsource
 import switch
 from lib import MiB, fmt, table
@@ -196,6 +199,12 @@ PRESETS: dict[str, Preset] = {
         run=switch.run,
         smoke={"sizes": [8 * MiB]},
     ),
+    "metadata": Preset(
+        "metadata at scale (issue 10 items 4, 5): ls -l, find -ls, ls | wc -l and xattrs of a "
+        "directory of N empty files against the source; exits 1 if the peak RSS is over the bound",
+        run=metabench.run,
+        smoke={"entries": 2000, "capacity_cases": [4 * MiB, 16 * MiB], "blocks": 8 * MiB},
+    ),
 }
 
 
@@ -287,6 +296,8 @@ def markdown(result: dict[str, Any]) -> str:
         return rss_markdown(result)
     if result["preset"] == "switch":
         return switch.markdown(result)
+    if result["preset"] == "metadata":
+        return metabench.markdown(result)
     load, src = result["load_average"], result["source"]
     source = {
         "local": f"a local directory ({src['dir']}): source_raw reads its disk, "
@@ -500,7 +511,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--size", help="size of each file (1G); switch: of each checkpoint (256M,1G,2G)")
     add("--switch-size", default="256M,1G,2G", help="suite: the switch part's checkpoints")
-    add("--repeat", type=int, default=5, help="repetitions of the fast scenarios (5)")
+    add("--repeat", type=int, help="repetitions of the fast scenarios (5; metadata: 3)")
     add("--cold-repeat", type=int, help="repetitions of those that read the source")
     add("--source", help="local (default), s3 (the slow source, root), or a directory")
     add("--source-file", default="data.bin", help="the data file's name in the source")
@@ -522,6 +533,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--readers", type=int, default=16, help="rss: reader processes")
     add("--duration", type=float, default=30.0, help="rss: seconds of reading")
     add("--read-size", type=lib.size_arg, default=MiB, help="rss: bytes per read")
+    add("--entries", type=int, default=100_000, help="metadata: files in the directory")
+    add(
+        "--capacity-cases",
+        type=lambda text: [lib.size_arg(x) for x in text.split(",") if x.strip()],
+        default=[4 * MiB, 256 * MiB],
+        help="metadata: the capacities mounted, one case each (4M,256M)",
+    )
+    add(
+        "--blocks",
+        type=lib.size_arg,
+        default=88 * MiB,
+        help="metadata: bytes of blocks read first where the capacity holds them (88M)",
+    )
     add("--json", type=Path, help="write every sample here")
     add("--png", type=Path, help="write a chart here (needs the 'bench' extra)")
     add("--markdown", type=Path, help="write the README results text here")
@@ -532,6 +556,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("name a preset, or --list")
     preset = PRESETS[args.preset or "core"]
     args.source = args.source or ("local" if args.smoke else preset.source)
+    args.repeat = args.repeat or (3 if args.preset == "metadata" else 5)
     try:
         sizes = [lib.size_arg(x) for x in (args.size or "").split(",") if x.strip()]
         args.switch_sizes = [lib.size_arg(x) for x in args.switch_size.split(",") if x.strip()]

@@ -12,7 +12,10 @@ Extended attributes are cached with a file's attributes, negative answers
 time, size and mtime (setting or removing an xattr changes the ctime). The
 first xattr question about an entry of a listed directory asks the source for
 the xattr names of a whole chunk of that listing in one worker call, so `ls -l`
-of a large directory does not ask the source once per entry and name. A
+of a large directory does not ask the source once per entry and name; likewise,
+attributes of an entry of a cached listing are refreshed with those of its
+chunk, in one worker call, so a sweep that outlasts the TTL refreshes the
+directory chunk by chunk instead of entry by entry. A
 question that has no previous answer to fall back on and that the source does
 not answer within `unanswered_timeout_s` fails with EIO instead of hanging.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import functools
 import os
 import time
 from collections import OrderedDict
@@ -46,7 +50,7 @@ ATTRIBUTE_BYTES = 420
 LISTED_ENTRY_BYTES = 120
 LISTING_BYTES = 200
 XATTR_NAMES_BYTES = 100
-XATTR_CHUNK = 256  # entries of a listing whose xattr names are fetched together
+XATTR_CHUNK = 256  # entries of a listing whose xattr names (or attributes) are fetched together
 
 # Namespaces whose listxattr is complete: a name not listed there has no value.
 _LISTED_NAMESPACES = (b"user.", b"trusted.", b"security.", b"system.posix_acl_")
@@ -205,8 +209,53 @@ class MetadataCache:
 
     # -- attributes and listings ---------------------------------------------------
     async def lstat(self, relpath: bytes) -> os.stat_result:
+        cached = self._cache.get(relpath)
+        if cached is not None and self._clock() - cached.fetched_at < self._ttl_s:
+            return cached.value  # type: ignore[no-any-return]
+        # An entry of a cached listing, stale or evicted for the budget: refreshed with
+        # its chunk (single-flight), so a sweep of a directory larger than the budget
+        # or slower than the TTL asks the source once per chunk, not once per entry.
+        chunk = self._listed_chunk(relpath)
+        if chunk is not None:
+            head, listing, number = chunk
+            fetch = functools.partial(self._fetch_attr_chunk, head, listing, number)
+            key = ("attr-chunk", head, number)
+            if cached is None:
+                await self._flight.do(key, fetch)
+            elif await self._ask(key, fetch, True) is None:
+                self._stale_answers += 1
+                return cached.value  # type: ignore[no-any-return]
+            fresh = self._cache.get(relpath)
+            if fresh is not None and self._clock() - fresh.fetched_at < self._ttl_s:
+                return fresh.value  # type: ignore[no-any-return]
+        # Not listed, or gone from its chunk: asked alone.
         cached = await self._lookup(relpath, relpath, self._fetch_attr)
         return cached.value  # type: ignore[no-any-return]
+
+    def _listed_chunk(self, relpath: bytes) -> tuple[bytes, Listing, int] | None:
+        """(directory, its cached listing, the chunk number of `relpath` in it), if listed."""
+        if not relpath:
+            return None
+        head, _, name = relpath.rpartition(b"/")
+        listing = self._cache.get(_LISTING_KEY + head)  # in use: the last to be evicted
+        if listing is None:
+            return None
+        index = bisect.bisect_left(listing.value, name, key=lambda entry: entry[0])
+        if index < len(listing.value) and listing.value[index][0] == name:
+            return head, listing.value, index // XATTR_CHUNK
+        return None
+
+    async def _fetch_attr_chunk(self, head: bytes, listing: Listing, chunk: int) -> bool:
+        self._refreshes += 1
+        names = [name for name, _ in listing[chunk * XATTR_CHUNK : (chunk + 1) * XATTR_CHUNK]]
+        found = await self._source.lstat_many(head, names)
+        now, prefix = self._clock(), head + b"/" if head else b""
+        for name, st in zip(names, found, strict=True):
+            if st is None:
+                self._cache.pop(prefix + name)
+            else:
+                self._store_attr(prefix + name, st, now)
+        return True
 
     async def listdir(self, relpath: bytes) -> Listing:
         """The directory's entries sorted by name (the same list for every caller)."""
@@ -262,20 +311,17 @@ class MetadataCache:
         cached = self._cache.peek(relpath)
         if cached is not None and cached.xattrs is not None:
             return cached.xattrs
-        head, _, name = relpath.rpartition(b"/")
-        listing = self._cache.peek(_LISTING_KEY + head) if relpath else None
-        if listing is not None:
-            index = bisect.bisect_left(listing.value, name, key=lambda entry: entry[0])
-            if index < len(listing.value) and listing.value[index][0] == name:
-                chunk = index // XATTR_CHUNK
-                await self._ask(
-                    ("xattr-chunk", head, chunk),
-                    lambda: self._fetch_xattr_chunk(head, listing.value, chunk),
-                    False,
-                )
-                cached = self._cache.peek(relpath)
-                if cached is not None and cached.xattrs is not None:
-                    return cached.xattrs
+        chunk = self._listed_chunk(relpath)
+        if chunk is not None:
+            head, listing, number = chunk
+            await self._ask(
+                ("xattr-chunk", head, number),
+                lambda: self._fetch_xattr_chunk(head, listing, number),
+                False,
+            )
+            cached = self._cache.peek(relpath)
+            if cached is not None and cached.xattrs is not None:
+                return cached.xattrs
         names = await self._ask(("xattr-names", relpath), lambda: self._fetch_names(relpath), False)
         assert isinstance(names, tuple)
         xattrs = _Xattrs(names) if names else _NO_XATTRS
@@ -347,10 +393,12 @@ class MetadataCache:
         now = self._clock()
         size = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name, _ in listing)
         item = _Cached(listing, now, size)
-        self._cache.put(key, item)
         prefix = relpath + b"/" if relpath else b""
         for name, st in listing:
             self._store_attr(prefix + name, st, now)
+        # Stored after its entries: a directory with more entries than the budget holds
+        # evicts its first entries' attributes, not its listing (its chunks need it).
+        self._cache.put(key, item)
         return item
 
     async def _fetch_statfs(self) -> os.statvfs_result:

@@ -177,6 +177,26 @@ class Source:
                 os.close(fd)
         return found
 
+    async def lstat_many(self, relpath: bytes, names: list[bytes]) -> list[os.stat_result | None]:
+        """The attributes of several entries of directory `relpath`, in one worker call
+        (None for an entry that is gone)."""
+        return await self._metadata(self._lstat_many, relpath, names)
+
+    def _lstat_many(self, relpath: bytes, names: list[bytes]) -> list[os.stat_result | None]:
+        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
+        dir_fd = self._root_fd if fd is None else fd
+        found: list[os.stat_result | None] = []
+        try:
+            for name in names:
+                try:
+                    found.append(_lstat_at(dir_fd, name))
+                except FileNotFoundError:
+                    found.append(None)
+        finally:
+            if fd is not None:
+                os.close(fd)
+        return found
+
     def _scan(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
         fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
         entries: list[tuple[bytes, os.stat_result]] = []

@@ -140,6 +140,29 @@ def test_switch_smoke(tmp_path: Path) -> None:
     assert "| checkpoint | source mount, s | memcachefs cold, s |" in md
 
 
+@pytest.mark.usefixtures("fuse_required")
+def test_metadata_smoke(tmp_path: Path) -> None:
+    """2,000 empty files, capacities 4M and 16M (8 MiB of blocks read first): every step
+    timed on the source and the mount, the counters read, the RSS bound judged."""
+    data, md, _ = _run("metadata", tmp_path)
+    assert data["ok"] and data["entries"] == 2000
+    steps = {"ls_l_cold", "ls_l_warm", "find_ls", "ls_wc", "xattr_sweep"}
+    assert [c["capacity_bytes"] for c in data["cases"]] == [4 << 20, 16 << 20]
+    assert [c["blocks_read_bytes"] for c in data["cases"]] == [0, 8 << 20]
+    for case in data["cases"]:
+        assert set(case["ratios"]) == steps
+        assert all(case["source_s"][s] and case["memcachefs_s"][s] for s in steps)
+        assert all(r > 0 for r in case["ratios"].values())
+        assert case["rss_ok"] and max(case["peak_rss_bytes"]) <= case["bound_bytes"]
+        assert case["inodes"][0] >= 2000  # the listing reached the daemon
+        # the second sweep of xattrs is answered by the cache: no call to the source
+        assert case["counters"]["ls_l_warm"]["xattr_source_calls"] == [0]
+    assert data["cases"][1]["rss_after_blocks_bytes"][0] > 8 << 20
+    assert len(data["metadata_goals"]) == 4 * len(data["cases"])
+    assert "| metadata goal (issue 10 items 4, 5) | measured | status |" in md
+    assert "| 4.0M | ls_l_cold |" in md
+
+
 def _check_switch(data: dict[str, Any]) -> None:
     assert data["ok"] and data["mismatches"] == []
     assert data["loaders"][:2] == ["load_file", "safe_open_shuffled"]
@@ -168,7 +191,7 @@ def test_presets_are_registered() -> None:
     listing = subprocess.run(
         [sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, check=True
     ).stdout
-    for preset in ("core:", "suite:", "rss:", "switch:"):
+    for preset in ("core:", "suite:", "rss:", "switch:", "metadata:"):
         assert preset in listing
     several = subprocess.run(
         [sys.executable, str(RUNNER), "core", "--size", "1M,2M"],

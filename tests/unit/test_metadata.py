@@ -324,3 +324,68 @@ async def test_a_stall_answers_xattrs_and_statfs_from_the_previous_answers(
         assert raised.value.errno == errno.EIO
         assert cache.statistics().unanswered_timeouts == 1
         source.unstall.set()
+
+
+async def test_stale_attributes_of_a_listed_directory_are_refreshed_by_chunk(
+    root: Path, source: Source
+) -> None:
+    """A sweep of a large listed directory after the TTL (ls -l outlasting it) asks the
+    source once per chunk of the listing, not once per entry; a change and a removal
+    found by the chunk refresh are seen."""
+    from memcachefs.metadata import XATTR_CHUNK
+
+    (root / "d").mkdir()
+    names = [f"f{i:05d}".encode() for i in range(2 * XATTR_CHUNK + 10)]
+    for name in names:
+        (root / "d" / name.decode()).write_bytes(b"")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        await cache.listdir(b"d")
+        clock.now += TTL_S * 2  # every attribute is stale now
+        (root / "d" / "f00001").write_bytes(b"abc")
+        (root / "d" / "f00002").unlink()
+        calls = source_calls(source)
+        sizes = {}
+        for name in names:
+            try:
+                sizes[name] = (await cache.lstat(b"d/" + name)).st_size
+            except FileNotFoundError:
+                sizes[name] = None
+        # 3 chunks; for the removed entry its chunk again and the lstat that confirms it
+        assert source_calls(source) - calls == 3 + 2
+        assert sizes[b"f00001"] == 3 and sizes[b"f00002"] is None
+        assert sum(1 for size in sizes.values() if size == 0) == len(names) - 2
+        calls = source_calls(source)
+        await cache.lstat(b"d/f00300")  # fresh from its chunk: no new call
+        assert source_calls(source) == calls
+
+
+async def test_a_directory_larger_than_the_budget_is_swept_by_chunks(
+    root: Path, source: Source
+) -> None:
+    """The listing of a directory whose attributes do not all fit the budget stays
+    cached, and the evicted entries are fetched again by chunk, not one by one (an
+    ls -l of 300,000 entries made one source call per entry and per xattr name)."""
+    from memcachefs.metadata import ATTRIBUTE_BYTES, XATTR_CHUNK
+
+    (root / "d").mkdir()
+    names = [f"f{i:05d}".encode() for i in range(4 * XATTR_CHUNK)]
+    for name in names:
+        (root / "d" / name.decode()).write_bytes(b"")
+    listing_bytes = 200 + sum(len(name) + 120 for name in names)
+    budget = listing_bytes + 2 * XATTR_CHUNK * (ATTRIBUTE_BYTES + 8)  # half the entries
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, budget_bytes=budget)
+        await cache.listdir(b"d")
+        assert cache.statistics().cached_listings == 1
+        assert cache.statistics().metadata_evictions > 0  # the first entries' attributes
+        calls, xattr_calls = source_calls(source), cache.statistics().xattr_source_calls
+        for name in names:
+            assert (await cache.lstat(b"d/" + name)).st_size == 0
+            assert await cache.listxattr(b"d/" + name) == []
+        assert cache.statistics().metadata_cache_bytes <= budget
+        # each chunk once for its attributes (those of one half evict the other's) and
+        # once for its xattr names
+        assert source_calls(source) - calls == 4 + 4
+        assert cache.statistics().xattr_source_calls - xattr_calls == 4
