@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib
 import metabench
+import peerlink
 import slowsource
 import switch
 from lib import MiB, fmt, table
@@ -205,6 +206,13 @@ PRESETS: dict[str, Preset] = {
         run=metabench.run,
         smoke={"entries": 2000, "capacity_cases": [4 * MiB, 16 * MiB], "blocks": 8 * MiB},
     ),
+    "peerlink": Preset(
+        "peers at link speed (issue 8 item 5): remote hits over a tbf-capped veth to a peer "
+        "in a network namespace, against raw TCP over the same link (root)",
+        cold_repeat=3,
+        run=peerlink.run,
+        smoke={"peer_rates": "1gbit"},
+    ),
 }
 
 
@@ -298,6 +306,8 @@ def markdown(result: dict[str, Any]) -> str:
         return switch.markdown(result)
     if result["preset"] == "metadata":
         return metabench.markdown(result)
+    if result["preset"] == "peerlink":
+        return peerlink.markdown(result)
     load, src = result["load_average"], result["source"]
     source = {
         "local": f"a local directory ({src['dir']}): source_raw reads its disk, "
@@ -511,6 +521,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add = parser.add_argument
     add("--size", help="size of each file (1G); switch: of each checkpoint (256M,1G,2G)")
     add("--switch-size", default="256M,1G,2G", help="suite: the switch part's checkpoints")
+    add(
+        "--peer-rates",
+        default="1gbit,2gbit,4gbit,0",
+        help="peerlink: the veth caps, tc syntax, 0: uncapped (1gbit,2gbit,4gbit,0)",
+    )
     add("--repeat", type=int, help="repetitions of the fast scenarios (5; metadata: 3)")
     add("--cold-repeat", type=int, help="repetitions of those that read the source")
     add("--source", help="local (default), s3 (the slow source, root), or a directory")

@@ -257,21 +257,9 @@ class SlowSource:
             self.owns = False
 
     def _network(self) -> None:
-        ns = ("ip", "netns", "exec", NETNS)
-        _run("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_NS)
-        _run("ip", "link", "set", VETH_NS, "netns", NETNS)
-        _run("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", VETH_HOST)
-        _run("ip", "link", "set", VETH_HOST, "up")
-        _run(*ns, "ip", "addr", "add", f"{NS_ADDR}/30", "dev", VETH_NS)
-        _run(*ns, "ip", "link", "set", VETH_NS, "up")
-        _run(*ns, "ip", "link", "set", "lo", "up")
+        veth_namespace(NETNS, VETH_HOST, VETH_NS, HOST_ADDR, NS_ADDR, prefix_len=30)
         if self.rate:
-            from latencyproxy import rate_bytes
-
-            # burst: 1mbit (the link profile's), more above 400mbit (2.5 ms of the rate)
-            burst = max(125_000, int(rate_bytes(self.rate) / 400))
-            tbf = ("rate", self.rate, "burst", str(burst), "latency", "50ms")
-            _run(*ns, "tc", "qdisc", "replace", "dev", VETH_NS, "root", "tbf", *tbf)
+            cap_link(VETH_NS, self.rate, netns=NETNS)
 
     def _populate(self) -> None:
         """Write s3rver's on-disk layout directly (a hard link, an MD5, metadata): no upload."""
@@ -392,6 +380,55 @@ class SlowSource:
         return client.start()
 
 
+# -- the namespace, its veth and its cap (also used by peerlink.py) --------------------------
+def veth_namespace(
+    netns: str, veth_host: str, veth_ns: str, host_addr: str, ns_addr: str, *, prefix_len: int
+) -> None:
+    """Join the existing namespace `netns` to the host by a veth pair, both ends up."""
+    ns = ("ip", "netns", "exec", netns)
+    _run("ip", "link", "add", veth_host, "type", "veth", "peer", "name", veth_ns)
+    _run("ip", "link", "set", veth_ns, "netns", netns)
+    _run("ip", "addr", "add", f"{host_addr}/{prefix_len}", "dev", veth_host)
+    _run("ip", "link", "set", veth_host, "up")
+    _run(*ns, "ip", "addr", "add", f"{ns_addr}/{prefix_len}", "dev", veth_ns)
+    _run(*ns, "ip", "link", "set", veth_ns, "up")
+    _run(*ns, "ip", "link", "set", "lo", "up")
+
+
+def tbf_burst_bytes(rate: str) -> int:
+    """tbf's burst for `rate`: 1mbit (the link profile's), more above 400mbit (2.5 ms of
+    the rate), so that the bucket, refilled once per timer tick, does not cap below it."""
+    from latencyproxy import rate_bytes
+
+    return max(125_000, int(rate_bytes(rate) / 400))
+
+
+def cap_link(dev: str, rate: str | None, *, netns: str | None = None) -> None:
+    """Cap `dev`'s egress with tc tbf at `rate` (tc syntax); None or "0": remove the cap."""
+    ns = ("ip", "netns", "exec", netns) if netns else ()
+    if not rate or rate == "0":
+        cmd = [*ns, "tc", "qdisc", "del", "dev", dev, "root"]
+        subprocess.run(cmd, capture_output=True, check=False)  # no cap there: fine
+        return
+    tbf = ("rate", rate, "burst", str(tbf_burst_bytes(rate)), "latency", "50ms")
+    _run(*ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf", *tbf)
+
+
+def remove_namespace(netns: str, veth_host: str) -> None:
+    """Kill what runs in `netns` (ours by construction), delete the veth and the namespace.
+    Never raises."""
+    if Path(f"/run/netns/{netns}").exists():
+        pids = subprocess.run(
+            ["ip", "netns", "pids", netns], capture_output=True, text=True, check=False
+        )
+        for pid in pids.stdout.split():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        time.sleep(0.2)
+    for cmd in (["ip", "link", "del", veth_host], ["ip", "netns", "del", netns]):
+        subprocess.run(cmd, capture_output=True, check=False)
+
+
 # -- probe: what a profile gives a plain HTTP client -------------------------------------------
 def http_get(
     endpoint: str, key: str, start: int, length: int, conn: Any = None
@@ -459,16 +496,7 @@ def teardown(workdir: Path = WORKDIR, shm_dir: Path = SHM_DIR) -> None:
     (ours by construction), the veth, the namespace, the object data. Never raises."""
     for prefix in (workdir / "mnt", shm_dir):
         lib.unmount_below(prefix)
-    if Path(f"/run/netns/{NETNS}").exists():
-        pids = subprocess.run(
-            ["ip", "netns", "pids", NETNS], capture_output=True, text=True, check=False
-        )
-        for pid in pids.stdout.split():
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), signal.SIGKILL)
-        time.sleep(0.2)
-    for cmd in (["ip", "link", "del", VETH_HOST], ["ip", "netns", "del", NETNS]):
-        subprocess.run(cmd, capture_output=True, check=False)
+    remove_namespace(NETNS, VETH_HOST)
     for path in (workdir / "s3data", workdir / "mnt", shm_dir):
         shutil.rmtree(path, ignore_errors=True)
 

@@ -8,6 +8,8 @@ something, and that the JSON, the markdown and the goals came out.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -187,11 +189,29 @@ def _check_switch(data: dict[str, Any]) -> None:
     assert all(g["ratio"] and g["ratio"] > 0 for g in goals), goals
 
 
+@pytest.mark.usefixtures("fuse_required")
+def test_peerlink_smoke(tmp_path: Path) -> None:
+    """16 MiB over a 1gbit veth: every remote byte came from the peer in the namespace."""
+    if os.geteuid() != 0 or not (shutil.which("ip") and shutil.which("tc")):
+        pytest.skip("peerlink needs root, ip and tc (a network namespace)")
+    data, md, _ = _run("peerlink", tmp_path)
+    assert data["ok"] and data["size"] == 16 * 1024 * 1024
+    (rate,) = data["rates"]
+    assert rate["rate"] == "1gbit" and rate["raw_tcp_gbps"] > 0 and rate["tbf_burst_bytes"]
+    for kind, size in (("read", data["size"]), ("load", data["model_bytes"])):
+        (sample,) = rate[kind]["samples"]
+        assert sample["bytes"] == size and sample["verified"], kind
+        assert sample["peer_bytes"] == size and sample["source_bytes"] == 0, kind
+        assert rate[kind]["gbps"] > 0 and rate[kind]["ratio"] > 0, kind
+    assert "| link | raw TCP GB/s | remote read GB/s |" in md
+    assert not Path("/run/netns/mcfs-peer").exists()  # torn down
+
+
 def test_presets_are_registered() -> None:
     listing = subprocess.run(
         [sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, check=True
     ).stdout
-    for preset in ("core:", "suite:", "rss:", "switch:", "metadata:"):
+    for preset in ("core:", "suite:", "rss:", "switch:", "metadata:", "peerlink:"):
         assert preset in listing
     several = subprocess.run(
         [sys.executable, str(RUNNER), "core", "--size", "1M,2M"],
