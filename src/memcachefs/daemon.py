@@ -16,6 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -133,6 +134,7 @@ def build_service(
     clock: Callable[[], float] = time.monotonic,
     notify_store: NotifyStore = pyfuse3.notify_store,
     readdir_reply: ReaddirReply | None = None,
+    mountpoint: Path | None = None,
     static_statistics: dict[str, Any] | None = None,
 ) -> Service:
     """The one place the mount's components are built (the daemon and the unit tests)."""
@@ -161,7 +163,11 @@ def build_service(
     files = OpenFiles(source, metadata, loader, nursery, prefetcher)
     pusher = (
         PageCachePusher(
-            store, nursery, notify_store=notify_store, reader_position=files.reader_position
+            store,
+            nursery,
+            notify_store=notify_store,
+            reader_position=files.reader_position,
+            mountpoint=mountpoint,
         )
         if push_page_cache
         else None
@@ -210,6 +216,7 @@ async def _serve(
                     read_ahead_blocks=cache.read_ahead_blocks,
                     attr_timeout_s=config.attr_timeout_s,
                     push_page_cache=cache.push_page_cache,
+                    mountpoint=config.mountpoint,
                     metadata_cache_bytes=cache.metadata_cache_bytes,
                     metadata_timeout_s=cache.metadata_timeout_s,
                     prefetch_patterns=None if cache.no_prefetch else cache.prefetch_patterns,
