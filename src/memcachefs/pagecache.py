@@ -175,12 +175,10 @@ class PageCachePusher:
                 resident: set[int] = set()
                 if self._mountpoint is not None and push.relpath is not None:
                     path = self._mountpoint / os.fsdecode(push.relpath)
-                    resident = (
-                        await trio.to_thread.run_sync(
-                            resident_blocks, path, version.size, block_size, abandon_on_cancel=True
-                        )
-                        or set()
+                    found: set[int] | None = await trio.to_thread.run_sync(
+                        resident_blocks, path, version.size, block_size, abandon_on_cancel=True
                     )
+                    resident = found or set()
                 for index in range(version.block_count(block_size)):
                     if index in resident:
                         self.counters.page_cache_resident_bytes += min(
