@@ -66,8 +66,13 @@ class _Cachestat(ctypes.Structure):
     ]
 
 
-def resident_blocks(path: Path, size_bytes: int, block_size_bytes: int) -> set[int] | None:
+def resident_blocks(
+    path: Path, inode: int, size_bytes: int, block_size_bytes: int
+) -> set[int] | None:
     """Indexes of the blocks of `path` wholly in the page cache (None: cannot tell).
+
+    None too when `path` is no longer `inode` (the file changed: another version's
+    pages say nothing about this one's).
 
     Blocking (an open and one syscall per block): call it from a worker thread.
     """
@@ -78,6 +83,8 @@ def resident_blocks(path: Path, size_bytes: int, block_size_bytes: int) -> set[i
     except OSError:
         return None
     try:
+        if os.fstat(fd).st_ino != inode:
+            return None
         resident = set()
         span = _CachestatRange()
         stat = _Cachestat()
@@ -176,7 +183,12 @@ class PageCachePusher:
                 if self._mountpoint is not None and push.relpath is not None:
                     path = self._mountpoint / os.fsdecode(push.relpath)
                     found: set[int] | None = await trio.to_thread.run_sync(
-                        resident_blocks, path, version.size, block_size, abandon_on_cancel=True
+                        resident_blocks,
+                        path,
+                        inode,
+                        version.size,
+                        block_size,
+                        abandon_on_cancel=True,
                     )
                     resident = found or set()
                 for index in range(version.block_count(block_size)):
