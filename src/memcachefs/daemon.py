@@ -141,6 +141,7 @@ def build_service(
     clock: Callable[[], float] = time.monotonic,
     notify_store: NotifyStore = pyfuse3.notify_store,
     readdir_reply: ReaddirReply | None = None,
+    mountpoint: Path | None = None,
     static_statistics: dict[str, Any] | None = None,
     pin_limit_bytes: int = 0,
 ) -> Service:
@@ -176,7 +177,11 @@ def build_service(
     loader.set_reader_guard(files.about_to_read)
     pusher = (
         PageCachePusher(
-            store, nursery, notify_store=notify_store, reader_position=files.reader_position
+            store,
+            nursery,
+            notify_store=notify_store,
+            reader_position=files.reader_position,
+            mountpoint=mountpoint,
         )
         if push_page_cache
         else None
@@ -287,6 +292,7 @@ async def _serve(
                     read_ahead_blocks=cache.read_ahead_blocks,
                     attr_timeout_s=config.attr_timeout_s,
                     push_page_cache=cache.push_page_cache,
+                    mountpoint=config.mountpoint,
                     metadata_cache_bytes=cache.metadata_cache_bytes,
                     metadata_timeout_s=cache.metadata_timeout_s,
                     prefetch_patterns=None if cache.no_prefetch else cache.prefetch_patterns,

@@ -253,7 +253,7 @@ class Filesystem(pyfuse3.Operations):
         # The kernel has this version's attributes (its size) for this inode,
         # and the inode never holds another version: its pages stay valid.
         if self._pusher is not None and known is not None:
-            self._pusher.push(inode, version)
+            self._pusher.push(inode, version, relpath)
         return pyfuse3.FileInfo(fh=self._files.add(inode, version, pinned), keep_cache=True)
 
     @_handler

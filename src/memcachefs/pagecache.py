@@ -13,14 +13,25 @@ Rules that keep it correct:
   version a new inode), so pages pushed for it are never another version's.
 - Every block is pinned while a thread copies it, so its buffer is not reused.
 - Pages may be reclaimed by the kernel at any time: READ keeps working.
+
+A repeat open copies only what the kernel dropped: before pushing, a worker
+thread opens the file through the mount and asks `cachestat(2)` which blocks
+are still wholly in the page cache; those are skipped. That open is a FUSE
+request to this daemon, answered by the trio thread while the worker waits (its
+`open` finds this push running and starts no other). The thread is abandoned
+on cancel: after the FUSE loop ends nothing would answer it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
+import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import pyfuse3
@@ -35,20 +46,77 @@ log = logging.getLogger(__name__)
 # pyfuse3 accepts any contiguous buffer (its stub says bytes): a memoryview avoids a copy.
 NotifyStore = Callable[[int, int, Any], None]
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
+# cachestat(2), Linux 6.5+: 451 on x86_64 and aarch64 (the unified syscall table).
+_CACHESTAT = 451 if platform.machine() in ("x86_64", "aarch64") else None
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    ]
+
+
+def resident_blocks(
+    path: Path, inode: int, size_bytes: int, block_size_bytes: int
+) -> set[int] | None:
+    """Indexes of the blocks of `path` wholly in the page cache (None: cannot tell).
+
+    None too when `path` is no longer `inode` (the file changed: another version's
+    pages say nothing about this one's).
+
+    Blocking (an open and one syscall per block): call it from a worker thread.
+    """
+    if _CACHESTAT is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if os.fstat(fd).st_ino != inode:
+            return None
+        resident = set()
+        span = _CachestatRange()
+        stat = _Cachestat()
+        for index in range((size_bytes + block_size_bytes - 1) // block_size_bytes):
+            span.off = index * block_size_bytes
+            span.len = min(block_size_bytes, size_bytes - span.off)
+            if _libc.syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+                return None  # ENOSYS: an older kernel
+            if stat.nr_cache >= -(-span.len // _PAGE_BYTES):
+                resident.add(index)
+        return resident
+    finally:
+        os.close(fd)
+
 
 @dataclass
 class PageCacheStatistics:
     page_cache_pushes: int = counter("opens that pushed cached blocks into the kernel page cache")
     page_cache_pushed_bytes: int = counter("bytes pushed into the kernel page cache")
+    page_cache_resident_bytes: int = counter(
+        "bytes not pushed because their pages were still in the page cache"
+    )
     page_cache_push_errors: int = counter("pushes the kernel refused")
     page_cache_pushes_in_flight: int = gauge("pushes running now")
 
 
 class _Push:
-    __slots__ = ("done", "scope", "version")
+    __slots__ = ("done", "relpath", "scope", "version")
 
-    def __init__(self, version: FileVersion) -> None:
+    def __init__(self, version: FileVersion, relpath: bytes | None) -> None:
         self.version = version
+        self.relpath = relpath
         self.scope = trio.CancelScope()
         self.done = trio.Event()
 
@@ -60,8 +128,11 @@ class PageCachePusher:
         nursery: trio.Nursery,
         notify_store: NotifyStore = pyfuse3.notify_store,
         reader_position: Callable[[int], int] = lambda inode: -1,
+        mountpoint: Path | None = None,
     ) -> None:
         self._store = store
+        # Where the file is seen, to ask the kernel which pages it still has (None: never).
+        self._mountpoint = mountpoint
         self._reader_position = reader_position
         self._nursery = nursery
         self._notify_store = notify_store
@@ -70,12 +141,16 @@ class PageCachePusher:
         self._pushes: dict[int, _Push] = {}
         self.counters = PageCacheStatistics()
 
-    def push(self, inode: int, version: FileVersion) -> None:
-        """Start pushing the cached blocks of `version` for `inode` (no wait)."""
+    def push(self, inode: int, version: FileVersion, relpath: bytes | None = None) -> None:
+        """Start pushing the cached blocks of `version` for `inode` (no wait).
+
+        `relpath` (the file's path under the mount) lets the push skip the blocks
+        whose pages the kernel still holds.
+        """
         # An inode holds one version (inodes.py): a push running for it is this one.
         if inode in self._pushes or not self._any_cached(version):
             return
-        push = self._pushes[inode] = _Push(version)
+        push = self._pushes[inode] = _Push(version, relpath)
         self.counters.page_cache_pushes += 1
         self._nursery.start_soon(self._run, inode, push)
 
@@ -104,7 +179,24 @@ class PageCachePusher:
         block_size = self._store.block_size_bytes
         try:
             with push.scope:
+                resident: set[int] = set()
+                if self._mountpoint is not None and push.relpath is not None:
+                    path = self._mountpoint / os.fsdecode(push.relpath)
+                    found: set[int] | None = await trio.to_thread.run_sync(
+                        resident_blocks,
+                        path,
+                        inode,
+                        version.size,
+                        block_size,
+                        abandon_on_cancel=True,
+                    )
+                    resident = found or set()
                 for index in range(version.block_count(block_size)):
+                    if index in resident:
+                        self.counters.page_cache_resident_bytes += min(
+                            block_size, version.size - index * block_size
+                        )
+                        continue
                     # Stay ahead of a reader: the blocks it read, and the one it reads
                     # next, are answered by READ anyway.
                     position = self._reader_position(inode)

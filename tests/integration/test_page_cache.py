@@ -124,3 +124,47 @@ def test_without_push_a_cold_page_cache_reads_through_the_daemon(
     assert path.read_bytes() == payload
     assert _lookups(fs) - before >= 4
     assert "page_cache_pushed_bytes" not in fs.stats()
+
+
+def test_a_repeat_open_pushes_only_the_pages_the_kernel_dropped(
+    memcachefs_source: Path, memcachefs_mount
+) -> None:
+    payload = random.Random(6).randbytes(6 * MiB + 321)  # a short last block
+    (memcachefs_source / "model.bin").write_bytes(payload)
+    fs = memcachefs_mount(memcachefs_source, capacity="32M", args=["--block-size", "1M"])
+    path = fs.path / "model.bin"
+    assert path.read_bytes() == payload  # every block in memory, every page resident
+
+    def open_and_wait() -> None:
+        pushes = fs.stats()["page_cache_pushes"]
+        with path.open("rb") as f:
+            wait_until(
+                lambda: (
+                    fs.stats()["page_cache_pushes"] > pushes
+                    and fs.stats()["page_cache_pushes_in_flight"] == 0
+                ),
+                "the push to finish",
+            )
+            assert f.read() == payload
+
+    # An fd held throughout, to drop pages without an open (an open starts a push).
+    keeper = os.open(path, os.O_RDONLY)
+    try:
+        wait_until(lambda: fs.stats()["page_cache_pushes_in_flight"] == 0, "the push to finish")
+        assert fs.stats()["page_cache_pushed_bytes"] == 0  # all resident: nothing copied
+        os.posix_fadvise(keeper, 0, 0, os.POSIX_FADV_DONTNEED)
+        open_and_wait()
+        assert fs.stats()["page_cache_pushed_bytes"] == len(payload)
+
+        resident_before = fs.stats()["page_cache_resident_bytes"]
+        open_and_wait()  # the pages are still there: a repeat open copies nothing
+        assert fs.stats()["page_cache_pushed_bytes"] == len(payload)
+        assert fs.stats()["page_cache_resident_bytes"] - resident_before == len(payload)
+
+        # The kernel drops one block's pages: only that block is pushed again.
+        os.posix_fadvise(keeper, 2 * MiB, MiB, os.POSIX_FADV_DONTNEED)
+        open_and_wait()
+        assert fs.stats()["page_cache_pushed_bytes"] == len(payload) + MiB
+    finally:
+        os.close(keeper)
+    assert os.stat(path).st_size == len(payload)  # never stored past the end

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import threading
+from pathlib import Path
 
 import trio
 import trio.testing
 
 from memcachefs.blockstore import BlockStore
 from memcachefs.keys import BlockKey, FileVersion
-from memcachefs.pagecache import PageCachePusher
+from memcachefs.pagecache import PageCachePusher, resident_blocks
 
 BS = 64 * 1024
 
@@ -162,3 +165,28 @@ async def test_a_forgotten_inode_ends_the_push_quietly() -> None:
         await wait_for(lambda: idle(pusher), "the push to end")
     assert kernel.stores == []
     assert pusher.statistics().page_cache_push_errors == 0
+
+
+def test_resident_blocks_names_the_blocks_wholly_in_the_page_cache() -> None:
+    # A disk file (tmpfs pages cannot be dropped), synced so its pages are clean.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as folder:
+        path = Path(folder) / "f"
+        size = 4 * BS + 100  # a short last block
+        fd = os.open(path, os.O_RDWR | os.O_CREAT)
+        try:
+            os.write(fd, os.urandom(size))
+            os.fsync(fd)
+            os.pread(fd, size, 0)
+            inode = os.fstat(fd).st_ino
+            assert resident_blocks(path, inode, size, BS) == {0, 1, 2, 3, 4}
+            # Drop every page, then read back all blocks but block 1, without readahead.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            assert resident_blocks(path, inode, size, BS) == set()
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            for index in (0, 2, 3, 4):
+                os.pread(fd, BS, index * BS)
+            assert resident_blocks(path, inode, size, BS) == {0, 2, 3, 4}
+            # The path is another file now: its pages say nothing about this inode.
+            assert resident_blocks(path, inode + 1, size, BS) is None
+        finally:
+            os.close(fd)
