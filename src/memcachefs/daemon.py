@@ -27,7 +27,7 @@ from memcachefs.blockstore import BlockStore
 from memcachefs.config import ClusterConfig, MountConfig, format_size
 from memcachefs.control import CONFIG_XATTR, CONTROL_XATTR, STATS_XATTR
 from memcachefs.controlserver import ControlServer, open_control_socket
-from memcachefs.errors import MemcachefsError, MountError, ReadError
+from memcachefs.errors import MemcachefsError, MountError
 from memcachefs.events import event
 from memcachefs.fs import Filesystem, ReaddirReply
 from memcachefs.handles import OpenFiles
@@ -38,7 +38,7 @@ from memcachefs.httpd import (
     open_http_socket,
     serve_http,
 )
-from memcachefs.keys import BlockKey, FileVersion
+from memcachefs.keys import FileVersion
 from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.metadata import MetadataCache
@@ -48,14 +48,13 @@ from memcachefs.patterns import expand_async
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.peers.server import raise_descriptor_limit
 from memcachefs.prefetch import Prefetcher
-from memcachefs.source import Source, version_of
+from memcachefs.source import Source
 from memcachefs.warm import TIERS, Warmer, WarmJob
 
 log = logging.getLogger(__name__)
 
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 UNMOUNT_POLL_S = 1.0
-PIN_FILL_CONCURRENCY = 8  # block fills of pinned files in flight at mount
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
@@ -222,43 +221,25 @@ def _report_protected_eviction(version: FileVersion, pinned: bool) -> None:
 
 
 async def fill_pinned(
-    source_root: Path, patterns: tuple[str, ...], store: BlockStore, loader: Loader
+    source_root: Path, patterns: tuple[str, ...], store: BlockStore, warmer: Warmer
 ) -> None:
-    """Pin the files the patterns name and fill them (a few blocks at once)."""
+    """Pin the files the patterns name and warm them (the Warmer: one fill path)."""
     found = await expand_async(source_root, patterns)
     relpaths = sorted({relpath for hits in found.values() for relpath, _ in hits})
     versions = []
     for relpath in relpaths:
         try:
-            st = await trio.to_thread.run_sync(os.stat, source_root / relpath)
+            version = await warmer.version(os.fsencode(relpath))
         except OSError as error:
             event("source_error", level=logging.WARNING, path=relpath, error=str(error))
             continue
-        version = version_of(os.fsencode(relpath), st)
         store.pin(version)
         versions.append(version)
     event("pinned", files=len(versions), bytes=sum(version.size for version in versions))
-    slots = trio.Semaphore(PIN_FILL_CONCURRENCY)
-
-    async def fill(key: BlockKey) -> None:
-        try:
-            await loader.prefetch(key)
-        except (ReadError, OSError) as error:
-            event(
-                "source_error",
-                level=logging.WARNING,
-                path=os.fsdecode(key.version.relpath),
-                error=str(error),
-            )
-        finally:
-            slots.release()
-
-    async with trio.open_nursery() as nursery:
-        for version in versions:
-            for index in range(version.block_count(store.block_size_bytes)):
-                await slots.acquire()  # at most PIN_FILL_CONCURRENCY fills at once
-                nursery.start_soon(fill, BlockKey(version, index))
-    event("pinned_filled", files=len(versions), bytes=store.statistics().pinned_bytes)
+    job = await warmer.warm(versions, WarmJob())
+    for path, problem in job.errors.items():
+        event("source_error", level=logging.WARNING, path=path, error=problem)
+    event("pinned_filled", files=job.files_done, bytes=store.statistics().pinned_bytes)
 
 
 async def _serve(
@@ -334,7 +315,7 @@ async def _serve(
                                 config.source,
                                 cache.pin_patterns,
                                 service.store,
-                                service.loader,
+                                service.warmer,
                             )
                         if http_socket is not None:
                             app = OperatorsApp(
@@ -423,15 +404,11 @@ async def _warm_at_start(
         except OSError as error:
             log.warning("--warm: %s is gone (%s)", os.fsdecode(relpath), error.strerror)
     total = sum(version.size for version in versions)
-    log.info("warm-up started: %d files, %s", len(versions), format_size(total))
+    event("warm_started", files=len(versions), bytes=total)
     await warmer.warm_until_resident(versions, job)
-    tiers = ", ".join(f"{format_size(job.tier_bytes[tier])} from {tier}" for tier in TIERS)
-    log.info(
-        "warm-up finished: %d files, %s in %.1fs (%s)",
-        job.files_done,
-        format_size(total),
-        job.seconds,
-        tiers,
+    tiers = {f"{tier}_bytes": job.tier_bytes[tier] for tier in TIERS}
+    event(
+        "warm_finished", files=job.files_done, bytes=total, seconds=round(job.seconds, 3), **tiers
     )
 
 
@@ -440,7 +417,7 @@ async def _create_ready_file(path: Path, mounted: trio.Event, job: WarmJob | Non
     if job is not None:
         await job.wait_resident()
     await trio.to_thread.run_sync(path.write_text, f"{os.getpid()}\n")
-    log.info("ready: %s created", path)
+    event("ready", ready_file=str(path))
 
 
 async def open_peer_listeners(cluster: ClusterConfig) -> list[trio.SocketListener]:

@@ -254,6 +254,7 @@ class Warmer:
         job.files_done += 1
         self.counters.warm_files += 1
         self.counters.warm_bytes += state.version.size
+        self._loader.store.watch(state.version)  # its first eviction is logged
         self._on_resident(state.version)
 
     def statistics(self) -> WarmStatistics:
