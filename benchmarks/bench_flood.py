@@ -24,6 +24,7 @@ fails; 0 otherwise. Needs FUSE and about 10,100 descriptors for the flood.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import socket
@@ -35,18 +36,11 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import common
-from common import MiB
-
+import lib
+from lib import MiB
 from memcachefs.testing.harness import MountedFS, fuse_available, mount
 
 MAX_RATIO = 1.5
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def flood(
@@ -87,8 +81,8 @@ def flood(
 def passes(fs: MountedFS, path: Path, count: int) -> list[float]:
     speeds = []
     for _ in range(count):
-        common.drop_page_cache(path, global_drop=False)
-        result = common.timed_read(path)
+        lib.drop_page_cache(path, global_drop=False)
+        result = lib.read_file(path)
         assert result.bytes == path.stat().st_size, "short read"
         speeds.append(result.gbps)
     return speeds
@@ -96,7 +90,7 @@ def passes(fs: MountedFS, path: Path, count: int) -> list[float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="256M")
+    parser.add_argument("--size", type=lib.size_arg, default="256M")
     parser.add_argument("--passes", type=int, default=5)
     parser.add_argument("--idle", type=int, default=5000)
     parser.add_argument("--garbage", type=int, default=5000)
@@ -117,17 +111,17 @@ def main() -> int:
         return 0
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    size = common.parse_size(args.size)
+    size: int = args.size
     with tempfile.TemporaryDirectory(dir="/dev/shm" if Path("/dev/shm").is_dir() else None) as tmp:
         work = Path(tmp)
         source, mountpoint = work / "source", work / "mnt"
         source.mkdir()
         mountpoint.mkdir()
-        common.write_test_file(source / "model.bin", size)
+        lib.write_test_file(source / "model.bin", size)
         secret = work / "secret"
         secret.write_text("flood benchmark\n")
         secret.chmod(0o600)
-        port = free_port()
+        port = lib.free_port()
         fs = mount(
             source,
             mountpoint,
@@ -143,7 +137,7 @@ def main() -> int:
         )
         try:
             path = fs.path / "model.bin"
-            common.timed_read(path)  # into memory
+            lib.read_file(path)  # into memory
             quiet = passes(fs, path, args.passes)
             stop, opened = threading.Event(), threading.Event()
             made: list[int] = []
@@ -180,7 +174,7 @@ def main() -> int:
     for key, value in result.items():
         print(f"{key:28} {value}")
     if args.json:
-        common.write_json(args.json, result)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if ratio <= MAX_RATIO else 1
 
 

@@ -288,3 +288,22 @@ def test_latency_proxy(tmp_path: Path) -> None:
         server.close()
     (counters,) = [line for line in err.decode().splitlines() if line.startswith("{")]
     assert json.loads(counters)["requests"] == 4, err
+
+
+@pytest.mark.usefixtures("fuse_required")
+def test_bench_flood_smoke(tmp_path: Path) -> None:
+    """bench_flood.py runs end to end on a small file and a small flood (the speed
+    ratio decides only its exit status, 0 or 1, which is not checked here)."""
+    out = tmp_path / "flood.json"
+    argv = [sys.executable, str(RUNNER.with_name("bench_flood.py")), "--size", "8M"]
+    argv += ["--passes", "1", "--idle", "100", "--garbage", "100", "--settle", "0.2"]
+    result = subprocess.run(
+        [*argv, "--json", str(out)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode in (0, 1), result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    data = json.loads(out.read_text())
+    assert data["size_bytes"] == 8 * 1024 * 1024
+    assert data["flood_connections"] == 200
+    assert data["quiet_gbps"] > 0 and data["flooded_gbps"] > 0
+    assert data["peer_protocol_errors"] > 0  # the garbage connections reached the server
