@@ -14,7 +14,6 @@ import logging
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any, NoReturn
 
 from memcachefs import __version__, mounts
 from memcachefs.config import OPTIONS, MountConfig, OptionField, format_size, load_config
-from memcachefs.control import CONFIG_XATTR, STATS_XATTR
+from memcachefs.control import CONFIG_XATTR, STATS_XATTR, beside_the_log
 from memcachefs.errors import ConfigError, MemcachefsError
 
 EXIT_OK = 0
@@ -359,8 +358,7 @@ def _spawn_background(config: MountConfig) -> int:
 
 
 def default_log_path(mountpoint: Path) -> Path:
-    slug = str(mountpoint).strip("/").replace("/", "-") or "root"
-    return Path(tempfile.gettempdir()) / f"memcachefs-{slug}.log"
+    return beside_the_log(mountpoint, "log")
 
 
 def spawn_daemon(

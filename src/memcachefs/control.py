@@ -34,10 +34,15 @@ MAX_REQUEST_BYTES = 64 * 1024 * 1024  # a warm-up of a million paths fits
 _MAX_UNIX_PATH = 100  # sun_path holds 108 bytes
 
 
+def beside_the_log(mountpoint: Path, suffix: str) -> Path:
+    """`/tmp/memcachefs-<mountpoint>.<suffix>`: the default log and the control socket."""
+    slug = str(mountpoint).strip("/").replace("/", "-") or "root"
+    return Path(tempfile.gettempdir()) / f"memcachefs-{slug}.{suffix}"
+
+
 def socket_path(mountpoint: Path) -> Path:
     """Where the daemon serving `mountpoint` listens: beside its default log."""
-    slug = str(mountpoint).strip("/").replace("/", "-") or "root"
-    path = Path(tempfile.gettempdir()) / f"memcachefs-{slug}.sock"
+    path = beside_the_log(mountpoint, "sock")
     if len(os.fsencode(path)) > _MAX_UNIX_PATH:
         digest = hashlib.sha256(os.fsencode(mountpoint)).hexdigest()[:16]
         path = Path(tempfile.gettempdir()) / f"memcachefs-{digest}.sock"
