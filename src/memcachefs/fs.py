@@ -37,6 +37,14 @@ R = TypeVar("R")
 ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
+# xattr namespaces the mount does not support (EOPNOTSUPP, left out of listxattr):
+# none of them would be in effect here. The mount is nosuid (no file capabilities),
+# permissions are the mode bits (default_permissions, no POSIX ACLs), and a security
+# module labels a FUSE mount as a whole. Refusing them at once also lets `ls -l`
+# stop asking after the first file (coreutils caches "not supported" per device),
+# instead of sending two GETXATTR requests per entry.
+UNSUPPORTED_XATTR_NAMESPACES = (b"security.", b"system.")
+
 
 def _handler(
     method: Callable[P, Coroutine[Any, Any, R]],
@@ -289,6 +297,8 @@ class Filesystem(pyfuse3.Operations):
     ) -> bytes:
         if inode == pyfuse3.ROOT_INODE and name in self._root_xattrs:
             return self._root_xattrs[name]()
+        if name.startswith(UNSUPPORTED_XATTR_NAMESPACES):
+            raise pyfuse3.FUSEError(errno.EOPNOTSUPP)
         try:
             return await self._metadata.getxattr(self._path(inode), name)
         except OSError as error:
@@ -300,7 +310,8 @@ class Filesystem(pyfuse3.Operations):
     async def listxattr(
         self, inode: int, ctx: pyfuse3.RequestContext | None = None
     ) -> Sequence[bytes]:
-        return await self._metadata.listxattr(self._path(inode))
+        names = await self._metadata.listxattr(self._path(inode))
+        return [name for name in names if not name.startswith(UNSUPPORTED_XATTR_NAMESPACES)]
 
     # -- everything that would write -------------------------------------------
     setattr = _read_only(pyfuse3.Operations.setattr)

@@ -80,7 +80,7 @@ class InodeTable:
     def is_same_version(self, inode: int, st: os.stat_result) -> bool:
         """False if `st` (a path's attributes now) is another version than `inode`'s."""
         known = self._attributes.get(inode)
-        return known is None or identity_of(known) == identity_of(st)
+        return known is None or known is st or identity_of(known) == identity_of(st)
 
     def attributes(self, inode: int) -> os.stat_result | None:
         """The attributes `inode` was last given with (None for the root)."""

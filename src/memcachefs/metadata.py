@@ -40,10 +40,9 @@ import trio
 
 from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
-from memcachefs.source import Source
+from memcachefs.source import Listing, Source
 
 V = TypeVar("V")
-Listing = list[tuple[bytes, os.stat_result]]
 
 # Estimated bytes each cached item costs (object headers, the LRU's links, the key).
 ATTRIBUTE_BYTES = 420
@@ -384,18 +383,23 @@ class MetadataCache:
     async def _fetch_listing(self, relpath: bytes) -> _Cached:
         self._refreshes += 1
         key = _LISTING_KEY + relpath
-        try:
-            listing = await self._source.listdir(relpath)
+        cached = self._cache.peek(key)
+        previous: Listing | None = None if cached is None else cached.value
+        try:  # the entries of `previous` that did not change are kept as they are
+            listing = await self._source.listdir(relpath, previous)
         except FileNotFoundError:
             self._cache.pop(key)
             raise
-        listing.sort(key=lambda entry: entry[0])
         now = self._clock()
         size = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name, _ in listing)
         item = _Cached(listing, now, size)
         prefix = relpath + b"/" if relpath else b""
         for name, st in listing:
-            self._store_attr(prefix + name, st, now)
+            cached = self._cache.get(prefix + name)
+            if cached is not None and cached.value is st:  # unchanged since the last scan
+                cached.fetched_at = now
+            else:
+                self._store_attr(prefix + name, st, now)
         # Stored after its entries: a directory with more entries than the budget holds
         # evicts its first entries' attributes, not its listing (its chunks need it).
         self._cache.put(key, item)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import operator
 import os
 import stat
 import threading
@@ -38,6 +39,7 @@ SOURCE_READ_SECONDS = Histogram(
 )
 
 T = TypeVar("T")
+Listing = list[tuple[bytes, os.stat_result]]  # (name, attributes) of a directory's entries
 
 MAX_NAME_BYTES = 255
 _IDLE_DESCRIPTORS = 64
@@ -140,9 +142,15 @@ class Source:
     async def readlink(self, relpath: bytes) -> bytes:
         return await self._metadata(self._at_parent, relpath, _readlink_at)
 
-    async def listdir(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
-        """Names and lstat results of a directory's entries (vanished ones skipped)."""
-        return await self._metadata(self._scan, relpath)
+    async def listdir(self, relpath: bytes, previous: Listing | None = None) -> Listing:
+        """Names and lstat results of a directory's entries (vanished ones skipped),
+        sorted by name.
+
+        The entries of `previous` (an earlier listing of it) that did not change are
+        returned as they were, the same objects: a rescan of a large directory then
+        costs neither new attribute objects nor the memory of a second copy.
+        """
+        return await self._metadata(self._scan, relpath, previous or [])
 
     async def statvfs(self) -> os.statvfs_result:
         return await self._metadata(os.statvfs, self._root_fd)
@@ -197,20 +205,27 @@ class Source:
                 os.close(fd)
         return found
 
-    def _scan(self, relpath: bytes) -> list[tuple[bytes, os.stat_result]]:
+    def _scan(self, relpath: bytes, previous: Listing) -> Listing:
         fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
-        entries: list[tuple[bytes, os.stat_result]] = []
+        known = {entry[0]: entry for entry in previous}
+        entries: Listing = []
         try:
             with os.scandir(self._root_fd if fd is None else fd) as it:
                 for entry in it:
+                    name = os.fsencode(entry.name)
                     try:
-                        st = compact_stat(entry.stat(follow_symlinks=False))
+                        st = entry.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    entries.append((os.fsencode(entry.name), st))
+                    old = known.get(name)
+                    if old is not None and _unchanged(old[1], st):
+                        entries.append(old)
+                    else:
+                        entries.append((name, compact_stat(st)))
         finally:
             if fd is not None:
                 os.close(fd)
+        entries.sort(key=operator.itemgetter(0))
         return entries
 
     def _xattr(self, call: Callable[..., T], relpath: bytes, *args: object) -> T:
@@ -400,6 +415,33 @@ def _shared(value: int) -> int:
     if len(_SHARED_INTS) < 4096:
         _SHARED_INTS[value] = value
     return value
+
+
+def _unchanged(compact: os.stat_result, st: os.stat_result) -> bool:
+    """Whether `compact` (from compact_stat) still shows everything of `st`."""
+    return (
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_atime_ns,
+        st.st_size,
+        st.st_mode,
+        st.st_nlink,
+        st.st_uid,
+        st.st_gid,
+        st.st_blocks,
+        st.st_rdev,
+    ) == (
+        compact.st_mtime_ns,
+        compact.st_ctime_ns,
+        compact.st_atime_ns,
+        compact.st_size,
+        compact.st_mode,
+        compact.st_nlink,
+        compact.st_uid,
+        compact.st_gid,
+        compact.st_blocks,
+        compact.st_rdev,
+    )
 
 
 def compact_stat(st: os.stat_result) -> os.stat_result:
