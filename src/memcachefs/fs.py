@@ -27,7 +27,7 @@ from memcachefs.keys import FileVersion, block_span
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import counter, gauge
 from memcachefs.pagecache import PageCachePusher
-from memcachefs.source import Source, version_of
+from memcachefs.source import Listing, Source, version_of
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class FilesystemStatistics:
 @dataclass
 class OpenDir:
     relpath: bytes
-    entries: list[tuple[bytes, os.stat_result]]
+    entries: Listing | None = None  # fetched by the first readdir
 
 
 class Filesystem(pyfuse3.Operations):
@@ -216,20 +216,23 @@ class Filesystem(pyfuse3.Operations):
     # -- directories -----------------------------------------------------------
     @_handler
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> int:
-        relpath = self._path(inode)
-        # Sorted once by the cache and shared by every handle of this directory.
-        entries = await self._metadata.listdir(relpath)
+        # The listing waits for the first readdir: opening a directory (as `memcachefs
+        # stats` and the stale-mount check do) never waits for a stalled source.
         fh = self._next_dir_handle
         self._next_dir_handle += 1
-        self._dirs[fh] = OpenDir(relpath, entries)
+        self._dirs[fh] = OpenDir(self._path(inode))
         return fh
 
     @_handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         handle = self._dirs[fh]
+        if handle.entries is None:
+            # Sorted once by the cache and shared by every handle of this directory.
+            handle.entries = await self._metadata.listdir(handle.relpath)
+        entries = handle.entries
         prefix = handle.relpath + b"/" if handle.relpath else b""
-        for position in range(start_id, len(handle.entries)):
-            name, st = handle.entries[position]
+        for position in range(start_id, len(entries)):
+            name, st = entries[position]
             inode = self.inodes.inode(prefix + name, st)
             if not self._readdir_reply(token, name, self._entry(inode, st), position + 1):
                 break

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import errno
 import functools
+import math
 import os
 import time
 from collections import OrderedDict
@@ -40,7 +41,7 @@ import trio
 
 from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
-from memcachefs.source import Listing, Source
+from memcachefs.source import Listing, Source, unchanged
 
 V = TypeVar("V")
 
@@ -93,13 +94,26 @@ _NO_XATTRS = _Xattrs(())  # shared by every file without xattrs; never written
 
 
 class _Cached:
-    __slots__ = ("fetched_at", "size", "value", "xattrs")
+    __slots__ = ("chunks_checked_at", "fetched_at", "size", "value", "xattrs")
 
     def __init__(self, value: Any, fetched_at: float, size: int) -> None:
         self.value = value
         self.fetched_at = fetched_at
         self.size = size
         self.xattrs: _Xattrs | None = None
+        # Of a listing: when a chunk's attributes were confirmed after fetched_at.
+        self.chunks_checked_at: dict[int, float] | None = None
+
+    def listed_at(self, index: int) -> float:
+        """When the attributes of entry `index` of this listing were last confirmed."""
+        checked = self.chunks_checked_at
+        if checked is None:
+            return self.fetched_at
+        return checked.get(index // XATTR_CHUNK, self.fetched_at)
+
+
+# An entry of a cached listing: (directory, the listing, the entry's index in it).
+_Listed = tuple[bytes, _Cached, int]
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -208,31 +222,50 @@ class MetadataCache:
 
     # -- attributes and listings ---------------------------------------------------
     async def lstat(self, relpath: bytes) -> os.stat_result:
-        cached = self._cache.get(relpath)
-        if cached is not None and self._clock() - cached.fetched_at < self._ttl_s:
-            return cached.value  # type: ignore[no-any-return]
-        # An entry of a cached listing, stale or evicted for the budget: refreshed with
-        # its chunk (single-flight), so a sweep of a directory larger than the budget
-        # or slower than the TTL asks the source once per chunk, not once per entry.
-        chunk = self._listed_chunk(relpath)
-        if chunk is not None:
-            head, listing, number = chunk
+        st, _ = await self._attributes(relpath)
+        return st
+
+    async def _attributes(self, relpath: bytes) -> tuple[os.stat_result, float]:
+        """The attributes of `relpath` and when the source gave them."""
+        known = self._newest(relpath)
+        if known is not None and self._clock() - known[1] < self._ttl_s:
+            return known
+        # An entry of a cached listing, stale: refreshed with its chunk (single-flight),
+        # so a sweep of a directory slower than the TTL asks the source once per chunk,
+        # not once per entry.
+        listed = self._listed(relpath)
+        if listed is not None and known is not None:
+            head, listing, index = listed
+            number = index // XATTR_CHUNK
             fetch = functools.partial(self._fetch_attr_chunk, head, listing, number)
-            key = ("attr-chunk", head, number)
-            if cached is None:
-                await self._flight.do(key, fetch)
-            elif await self._ask(key, fetch, True) is None:
+            if await self._ask(("attr-chunk", head, number), fetch, True) is None:
                 self._stale_answers += 1
-                return cached.value  # type: ignore[no-any-return]
-            fresh = self._cache.get(relpath)
-            if fresh is not None and self._clock() - fresh.fetched_at < self._ttl_s:
-                return fresh.value  # type: ignore[no-any-return]
+                return known
+            fresh = self._newest(relpath)
+            if fresh is not None and self._clock() - fresh[1] < self._ttl_s:
+                return fresh
         # Not listed, or gone from its chunk: asked alone.
         cached = await self._lookup(relpath, relpath, self._fetch_attr)
-        return cached.value  # type: ignore[no-any-return]
+        return cached.value, cached.fetched_at
 
-    def _listed_chunk(self, relpath: bytes) -> tuple[bytes, Listing, int] | None:
-        """(directory, its cached listing, the chunk number of `relpath` in it), if listed."""
+    def _newest(self, relpath: bytes) -> tuple[os.stat_result, float] | None:
+        """The newest answer for `relpath`, however old: its own, or its listing's.
+
+        The entries of a listing are answered from the listing itself: a listed
+        directory of 100,000 files costs no attribute record per file.
+        """
+        cached = self._cache.get(relpath)
+        known = None if cached is None else (cached.value, cached.fetched_at)
+        listed = self._listed(relpath)
+        if listed is not None:
+            _, listing, index = listed
+            listed_at = listing.listed_at(index)
+            if known is None or listed_at > known[1]:
+                known = (listing.value[index][1], listed_at)
+        return known
+
+    def _listed(self, relpath: bytes) -> _Listed | None:
+        """Where `relpath` is in its directory's cached listing, if it is listed."""
         if not relpath:
             return None
         head, _, name = relpath.rpartition(b"/")
@@ -241,19 +274,25 @@ class MetadataCache:
             return None
         index = bisect.bisect_left(listing.value, name, key=lambda entry: entry[0])
         if index < len(listing.value) and listing.value[index][0] == name:
-            return head, listing.value, index // XATTR_CHUNK
+            return head, listing, index
         return None
 
-    async def _fetch_attr_chunk(self, head: bytes, listing: Listing, chunk: int) -> bool:
+    async def _fetch_attr_chunk(self, head: bytes, listing: _Cached, chunk: int) -> bool:
         self._refreshes += 1
-        names = [name for name, _ in listing[chunk * XATTR_CHUNK : (chunk + 1) * XATTR_CHUNK]]
-        found = await self._source.lstat_many(head, names)
+        entries = listing.value[chunk * XATTR_CHUNK : (chunk + 1) * XATTR_CHUNK]
+        found = await self._source.lstat_many(head, [name for name, _ in entries])
         now, prefix = self._clock(), head + b"/" if head else b""
-        for name, st in zip(names, found, strict=True):
+        complete = None not in found
+        for (name, listed), st in zip(entries, found, strict=True):
+            relpath = prefix + name
             if st is None:
-                self._cache.pop(prefix + name)
-            else:
-                self._store_attr(prefix + name, st, now)
+                self._cache.pop(relpath)
+            elif not complete or not unchanged(listed, st) or self._cache.peek(relpath):
+                self._store_attr(relpath, st, now)
+        if complete:  # the listing's entries of this chunk hold: confirmed as they are
+            if listing.chunks_checked_at is None:
+                listing.chunks_checked_at = {}
+            listing.chunks_checked_at[chunk] = now
         return True
 
     async def listdir(self, relpath: bytes) -> Listing:
@@ -264,16 +303,23 @@ class MetadataCache:
 
     def last_known(self, relpath: bytes) -> os.stat_result | None:
         """The last answer for `relpath`, however old (no source access)."""
-        cached = self._cache.peek(relpath)
-        return None if cached is None else cached.value
+        known = self._newest(relpath)
+        return None if known is None else known[0]
 
     def remember(self, relpath: bytes, st: os.stat_result) -> None:
         """Record attributes learned elsewhere (an open's fstat) as fresh."""
         self._store_attr(relpath, st, self._clock())
 
     def forget(self, relpath: bytes) -> None:
+        """Ask the source again about `relpath` (and its listing, if a directory)."""
         self._cache.pop(relpath)
         self._cache.pop(_LISTING_KEY + relpath)
+        listed = self._listed(relpath)
+        if listed is not None:  # its listing's entry is no answer either
+            _, listing, index = listed
+            if listing.chunks_checked_at is None:
+                listing.chunks_checked_at = {}
+            listing.chunks_checked_at[index // XATTR_CHUNK] = -math.inf
 
     async def statvfs(self) -> os.statvfs_result:
         """The source filesystem's statistics (cached for the TTL, stale on a stall)."""
@@ -306,26 +352,34 @@ class MetadataCache:
         return list(xattrs.names)
 
     async def _xattrs(self, relpath: bytes) -> _Xattrs:
-        await self.lstat(relpath)
-        cached = self._cache.peek(relpath)
-        if cached is not None and cached.xattrs is not None:
+        cached = await self._record(relpath)
+        if cached.xattrs is not None:
             return cached.xattrs
-        chunk = self._listed_chunk(relpath)
-        if chunk is not None:
-            head, listing, number = chunk
+        listed = self._listed(relpath)
+        if listed is not None:
+            head, listing, index = listed
+            number = index // XATTR_CHUNK
             await self._ask(
                 ("xattr-chunk", head, number),
                 lambda: self._fetch_xattr_chunk(head, listing, number),
                 False,
             )
-            cached = self._cache.peek(relpath)
-            if cached is not None and cached.xattrs is not None:
-                return cached.xattrs
+            chunked = self._cache.peek(relpath)
+            if chunked is not None and chunked.xattrs is not None:
+                return chunked.xattrs
         names = await self._ask(("xattr-names", relpath), lambda: self._fetch_names(relpath), False)
         assert isinstance(names, tuple)
         xattrs = _Xattrs(names) if names else _NO_XATTRS
         self._attach(relpath, xattrs)
         return xattrs
+
+    async def _record(self, relpath: bytes) -> _Cached:
+        """The attribute record of `relpath`, fresh: the one xattrs are kept with."""
+        st, fetched_at = await self._attributes(relpath)
+        cached = self._cache.peek(relpath)
+        if cached is None or cached.value is not st:  # answered from its listing
+            cached = self._store_attr(relpath, st, fetched_at)
+        return cached
 
     def _attach(self, relpath: bytes, xattrs: _Xattrs) -> None:
         cached = self._cache.peek(relpath)
@@ -343,7 +397,7 @@ class MetadataCache:
             return cached
         if cached is None:
             return await self._flight.do(flight_key, lambda: fetch(key))  # type: ignore[no-any-return]
-        with trio.move_on_after(self._stale_grace_s):
+        with trio.move_on_after(self._grace_left_s(flight_key)):
             return await self._flight.do(flight_key, lambda: fetch(key))  # type: ignore[no-any-return]
         self._stale_answers += 1
         return cached
@@ -353,13 +407,19 @@ class MetadataCache:
     ) -> V | None:
         """The answer of the one `fetch` for `key`; None after the grace period if
         `has_fallback`, else EIO after `unanswered_timeout_s`."""
-        limit = self._stale_grace_s if has_fallback else self._unanswered_timeout_s
+        limit = self._grace_left_s(key) if has_fallback else self._unanswered_timeout_s
         with trio.move_on_after(limit):
             return await self._flight.do(key, fetch)  # type: ignore[no-any-return]
         if has_fallback:
             return None
         self._unanswered_timeouts += 1
         raise OSError(errno.EIO, "the source did not answer in time")
+
+    def _grace_left_s(self, key: object) -> float:
+        """The grace counts from the start of the refresh, not of each request: once a
+        refresh has stalled past it, every request for that key is answered at once
+        (a walk of /a/b/c otherwise paid the grace again at every component)."""
+        return max(0.0, self._stale_grace_s - self._flight.running_for_s(key))
 
     async def _fetch_attr(self, relpath: bytes) -> _Cached:
         self._refreshes += 1
@@ -393,16 +453,7 @@ class MetadataCache:
         now = self._clock()
         size = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name, _ in listing)
         item = _Cached(listing, now, size)
-        prefix = relpath + b"/" if relpath else b""
-        for name, st in listing:
-            cached = self._cache.get(prefix + name)
-            if cached is not None and cached.value is st:  # unchanged since the last scan
-                cached.fetched_at = now
-            else:
-                self._store_attr(prefix + name, st, now)
-        # Stored after its entries: a directory with more entries than the budget holds
-        # evicts its first entries' attributes, not its listing (its chunks need it).
-        self._cache.put(key, item)
+        self._cache.put(key, item)  # its entries' attributes: newer than their own records
         return item
 
     async def _fetch_statfs(self) -> os.statvfs_result:
@@ -420,13 +471,15 @@ class MetadataCache:
             names = []
         return tuple(os.fsencode(name) for name in names)
 
-    async def _fetch_xattr_chunk(self, head: bytes, listing: Listing, chunk: int) -> None:
-        entries = listing[chunk * XATTR_CHUNK : (chunk + 1) * XATTR_CHUNK]
+    async def _fetch_xattr_chunk(self, head: bytes, listing: _Cached, chunk: int) -> None:
+        start = chunk * XATTR_CHUNK
         prefix = head + b"/" if head else b""
         wanted = []
-        for name, st in entries:
+        for index, (name, st) in enumerate(listing.value[start : start + XATTR_CHUNK], start):
             cached = self._cache.peek(prefix + name)
-            if cached is not None and cached.xattrs is None and _same_file(cached.value, st):
+            if cached is None:
+                cached = self._store_attr(prefix + name, st, listing.listed_at(index))
+            if cached.xattrs is None and _same_file(cached.value, st):
                 wanted.append(name)
         if not wanted:
             return

@@ -20,9 +20,10 @@ V = TypeVar("V")
 
 
 class _Call(Generic[V]):
-    __slots__ = ("done", "error", "result")
+    __slots__ = ("done", "error", "result", "started_at")
 
     def __init__(self) -> None:
+        self.started_at = trio.current_time()
         self.done = trio.Event()
         self.result: V | None = None
         self.error: BaseException | None = None
@@ -44,6 +45,11 @@ class SingleFlight(Generic[K, V]):
 
     def in_flight(self, key: K) -> bool:
         return key in self._calls
+
+    def running_for_s(self, key: K) -> float:
+        """How long the fill for `key` has been running (0 if none is)."""
+        call = self._calls.get(key)
+        return 0.0 if call is None else trio.current_time() - call.started_at
 
     def start(self, key: K, fill: Callable[[], Awaitable[V]]) -> _Call[V]:
         """Start a fill for `key` unless one runs already; never waits."""

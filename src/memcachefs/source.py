@@ -218,7 +218,7 @@ class Source:
                     except FileNotFoundError:
                         continue
                     old = known.get(name)
-                    if old is not None and _unchanged(old[1], st):
+                    if old is not None and unchanged(old[1], st):
                         entries.append(old)
                     else:
                         entries.append((name, compact_stat(st)))
@@ -417,7 +417,7 @@ def _shared(value: int) -> int:
     return value
 
 
-def _unchanged(compact: os.stat_result, st: os.stat_result) -> bool:
+def unchanged(compact: os.stat_result, st: os.stat_result) -> bool:
     """Whether `compact` (from compact_stat) still shows everything of `st`."""
     return (
         st.st_mtime_ns,

@@ -437,6 +437,28 @@ async def test_stats_xattr_on_another_inode_is_not_there(served: Served) -> None
     assert caught.value.errno in (pyfuse3.ENOATTR, errno.EOPNOTSUPP)
 
 
+async def test_security_and_system_xattrs_are_not_supported_on_the_mount(
+    served: Served,
+) -> None:
+    """Labels, capabilities and ACLs would not be in effect on the mount: their
+    namespaces answer EOPNOTSUPP without asking the source (so ls -l, which caches
+    that per device, stops asking), and listxattr leaves them out."""
+    path = served.root / "f"
+    path.write_bytes(b"x")
+    try:
+        os.setxattr(path, "user.kept", b"1")
+        os.setxattr(path, "security.memcachefs-test", b"2")
+    except OSError as error:
+        pytest.skip(f"the test directory's filesystem takes no such xattrs: {error}")
+    inode = await served.inode("f")
+    assert await served.fs.listxattr(inode) == [b"user.kept"]
+    asked = served.service.metadata.statistics().xattr_source_calls
+    for name in (b"security.selinux", b"security.memcachefs-test", b"system.posix_acl_access"):
+        await expect_errno(errno.EOPNOTSUPP, served.fs.getxattr(inode, name))
+    assert served.service.metadata.statistics().xattr_source_calls == asked
+    assert await served.fs.getxattr(inode, b"user.kept") == b"1"
+
+
 async def test_statfs_reports_the_source(served: Served) -> None:
     data = await served.fs.statfs()
     assert data.f_bsize == os.statvfs(served.root).f_bsize

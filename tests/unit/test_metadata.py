@@ -317,7 +317,9 @@ async def test_a_stall_answers_xattrs_and_statfs_from_the_previous_answers(
         assert raised.value.errno == errno.ENODATA
         assert await cache.listxattr(b"f") == []
         await cache.statvfs()
-        assert trio.current_time() - started == pytest.approx(1.5)  # 3 x the grace
+        # The grace once for f (its refresh then stalled: listxattr answers at once), once
+        # for statfs.
+        assert trio.current_time() - started == pytest.approx(1.0)
         # Nothing known about g's xattrs: EIO once the timeout passed, not a hang.
         with pytest.raises(OSError) as raised:
             await cache.listxattr(b"g")
@@ -364,9 +366,10 @@ async def test_stale_attributes_of_a_listed_directory_are_refreshed_by_chunk(
 async def test_a_directory_larger_than_the_budget_is_swept_by_chunks(
     root: Path, source: Source
 ) -> None:
-    """The listing of a directory whose attributes do not all fit the budget stays
-    cached, and the evicted entries are fetched again by chunk, not one by one (an
-    ls -l of 300,000 entries made one source call per entry and per xattr name)."""
+    """The entries of a cached listing are answered from it, with no record of their
+    own, and a sweep of their xattrs asks the source once per chunk, not once per
+    entry, even when the records it needs do not all fit the budget (an ls -l of
+    300,000 entries made one source call per entry and per xattr name)."""
     from memcachefs.metadata import ATTRIBUTE_BYTES, XATTR_CHUNK
 
     (root / "d").mkdir()
@@ -378,14 +381,54 @@ async def test_a_directory_larger_than_the_budget_is_swept_by_chunks(
     async with trio.open_nursery() as nursery:
         cache = MetadataCache(source, nursery, ttl_s=TTL_S, budget_bytes=budget)
         await cache.listdir(b"d")
-        assert cache.statistics().cached_listings == 1
-        assert cache.statistics().metadata_evictions > 0  # the first entries' attributes
-        calls, xattr_calls = source_calls(source), cache.statistics().xattr_source_calls
+        calls = source_calls(source)
         for name in names:
             assert (await cache.lstat(b"d/" + name)).st_size == 0
+        assert source_calls(source) == calls
+        assert cache.statistics().cached_attributes == 0  # all answered by the listing
+        xattr_calls = cache.statistics().xattr_source_calls
+        for name in names:
             assert await cache.listxattr(b"d/" + name) == []
-        assert cache.statistics().metadata_cache_bytes <= budget
-        # each chunk once for its attributes (those of one half evict the other's) and
-        # once for its xattr names
-        assert source_calls(source) - calls == 4 + 4
-        assert cache.statistics().xattr_source_calls - xattr_calls == 4
+        stats = cache.statistics()
+        assert stats.metadata_cache_bytes <= budget
+        assert stats.metadata_evictions > 0  # the records of one half evict the other's
+        assert stats.cached_listings == 1  # in use: not evicted
+        assert source_calls(source) - calls == 4  # each chunk once for its xattr names
+        assert stats.xattr_source_calls - xattr_calls == 4
+
+
+async def test_a_rescan_keeps_the_unchanged_entries_and_sees_the_changed(
+    root: Path, source: Source
+) -> None:
+    """A listing refreshed after the TTL reuses the entries that did not change (no
+    second copy of a large directory in memory) and has new attributes for the rest."""
+    for name in ("a", "b", "c"):
+        (root / name).write_bytes(b"x")
+    clock = ManualClock()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=clock)
+        first = {entry[0]: entry for entry in await cache.listdir(b"")}
+        (root / "b").write_bytes(b"longer")
+        (root / "c").unlink()
+        (root / "d").write_bytes(b"")
+        clock.now += TTL_S
+        second = {entry[0]: entry for entry in await cache.listdir(b"")}
+        assert sorted(second) == [b"a", b"b", b"d"]
+        assert second[b"a"] is first[b"a"]
+        assert second[b"b"][1].st_size == 6
+        assert (await cache.lstat(b"b")).st_size == 6
+
+
+async def test_forget_of_a_listed_entry_asks_the_source_again(root: Path, source: Source) -> None:
+    """An open that found another version than its inode forgets the path: the next
+    lookup must not get the old attributes back from the cached listing (the kernel
+    would retry the open with the old inode and fail it with ESTALE)."""
+    (root / "f").write_bytes(b"old")
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, clock=ManualClock())
+        await cache.listdir(b"")
+        (root / "f").write_bytes(b"newer")
+        assert (await cache.lstat(b"f")).st_size == 3  # the listing, within the TTL
+        cache.forget(b"f")
+        assert (await cache.lstat(b"f")).st_size == 5
+        assert (await cache.lstat(b"f")).st_size == 5
