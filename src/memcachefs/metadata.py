@@ -47,7 +47,7 @@ V = TypeVar("V")
 
 # Estimated bytes each cached item costs (object headers, the LRU's links, the key).
 ATTRIBUTE_BYTES = 420
-LISTED_ENTRY_BYTES = 120
+LISTED_ENTRY_BYTES = 300  # its tuple, the name's header, compact attributes, a slot
 LISTING_BYTES = 200
 XATTR_NAMES_BYTES = 100
 XATTR_CHUNK = 256  # entries of a listing whose xattr names (or attributes) are fetched together

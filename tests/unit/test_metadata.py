@@ -370,13 +370,13 @@ async def test_a_directory_larger_than_the_budget_is_swept_by_chunks(
     own, and a sweep of their xattrs asks the source once per chunk, not once per
     entry, even when the records it needs do not all fit the budget (an ls -l of
     300,000 entries made one source call per entry and per xattr name)."""
-    from memcachefs.metadata import ATTRIBUTE_BYTES, XATTR_CHUNK
+    from memcachefs.metadata import ATTRIBUTE_BYTES, LISTED_ENTRY_BYTES, LISTING_BYTES, XATTR_CHUNK
 
     (root / "d").mkdir()
     names = [f"f{i:05d}".encode() for i in range(4 * XATTR_CHUNK)]
     for name in names:
         (root / "d" / name.decode()).write_bytes(b"")
-    listing_bytes = 200 + sum(len(name) + 120 for name in names)
+    listing_bytes = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name in names)
     budget = listing_bytes + 2 * XATTR_CHUNK * (ATTRIBUTE_BYTES + 8)  # half the entries
     async with trio.open_nursery() as nursery:
         cache = MetadataCache(source, nursery, ttl_s=TTL_S, budget_bytes=budget)
