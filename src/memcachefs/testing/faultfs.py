@@ -11,20 +11,29 @@ file reads bypass the page cache), with two faults a test controls:
   a frozen network source.
 
 It stands in for the slow directory under memcachefs. Its inode numbers are
-its own; stop it with SIGTERM/SIGINT or by unmounting MNT.
+its own; stop it with SIGTERM/SIGINT or by unmounting MNT. `serve` starts it
+as a child process for tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import stat
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
+
+from memcachefs import mounts
 
 EIO_MARKER = b".eio"
 _POLL_S = 0.02
@@ -182,6 +191,73 @@ async def _serve_until_signalled() -> None:
         nursery.start_soon(stop_on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+# -- run as a child process ----------------------------------------------------------
+@dataclass
+class FaultSource:
+    """A faultfs mount over `backing`: use `path` as memcachefs's source."""
+
+    backing: Path
+    path: Path
+    stall_file: Path
+    process: subprocess.Popen[bytes]
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Every request to the source waits while inside this block."""
+        self.stall_file.touch()
+        try:
+            yield
+        finally:
+            self.stall_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def serve(
+    backing: Path, path: Path, *, stall_file: Path, log_path: Path, timeout_s: float = 20.0
+) -> Iterator[FaultSource]:
+    """faultfs mirroring `backing` at `path` (an empty directory) while in the block.
+
+    Raises RuntimeError with its log if it does not mount within `timeout_s`. At the
+    end the stall is lifted, `path` unmounted and the process stopped (killed if it
+    has not exited after `timeout_s`).
+    """
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memcachefs.testing.faultfs",
+                str(backing),
+                str(path),
+                "--stall-file",
+                str(stall_file),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and mounts.find_mount(path) is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_S)
+        if process.poll() is not None or mounts.find_mount(path) is None:
+            raise RuntimeError(f"faultfs did not mount {path}: {log_path.read_text()[-2000:]}")
+        yield FaultSource(backing, path, stall_file, process)
+    finally:
+        stall_file.unlink(missing_ok=True)
+        if mounts.find_mount(path) is not None:
+            with contextlib.suppress(OSError):
+                mounts.unmount(path)
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
