@@ -11,8 +11,11 @@ file reads bypass the page cache), with two faults a test controls:
   a frozen network source.
 
 It stands in for the slow directory under memcachefs. Its inode numbers are
-its own; stop it with SIGTERM/SIGINT or by unmounting MNT. `serve` starts it
-as a child process for tests and benchmarks.
+its own, one per file of SRC as on a local filesystem (a file replaced by
+rename gets a new one), and the attributes of an open file are those of the
+file it opened (fstat), not of whatever its name points to now. Stop it with
+SIGTERM/SIGINT or by unmounting MNT; `serve` starts it as a child process for
+tests and benchmarks.
 """
 
 from __future__ import annotations
@@ -45,7 +48,10 @@ class FaultFS(pyfuse3.Operations):
         self._root = os.fsencode(os.path.abspath(root))
         self._stall_file = stall_file
         self._paths: dict[int, bytes] = {pyfuse3.ROOT_INODE: self._root}
-        self._inodes: dict[bytes, int] = {self._root: pyfuse3.ROOT_INODE}
+        # (path, the backing file's inode number): a replaced file is another inode
+        self._inodes: dict[tuple[bytes, int], int] = {
+            (self._root, os.lstat(self._root).st_ino): pyfuse3.ROOT_INODE
+        }
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._fds: dict[int, int] = {}
 
@@ -63,21 +69,22 @@ class FaultFS(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
-    def _inode(self, path: bytes) -> int:
-        inode = self._inodes.get(path)
+    def _inode(self, path: bytes, backing_ino: int) -> int:
+        inode = self._inodes.get((path, backing_ino))
         if inode is None:
-            inode = self._inodes[path] = self._next_inode
+            inode = self._inodes[path, backing_ino] = self._next_inode
             self._paths[inode] = path
             self._next_inode += 1
         return inode
 
-    def _attributes(self, path: bytes) -> pyfuse3.EntryAttributes:
+    def _attributes(self, path: bytes, fd: int | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes of `path`, or of the file open as `fd` (which `path` named)."""
         try:
-            st = os.lstat(path)
+            st = os.lstat(path) if fd is None else os.fstat(fd)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = self._inode(path)
+        entry.st_ino = self._inode(path, st.st_ino)
         entry.entry_timeout = 0
         entry.attr_timeout = 0
         for field in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size"):
@@ -98,7 +105,9 @@ class FaultFS(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._gate()
-        return self._attributes(self._path(inode))
+        # An open file answers for itself, as fstat(2) on a local filesystem does.
+        fd = next((fd for fd, open_inode in self._fds.items() if open_inode == inode), None)
+        return self._attributes(self._path(inode), fd)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         await self._gate()
