@@ -87,6 +87,7 @@ HOT = "hot.bin"
 FLUSH_S = 0.5  # how often a reader reports what it verified
 MAX_DETAILS = 5  # per reader: descriptions of wrong bytes sent to the parent
 SETTLE_S = 45.0  # at the end: how long descriptors, threads and FUSE requests may take
+KILL_WAIT_S = 30.0  # how long a SIGKILLed daemon may take to exit
 FUSECTL = Path("/sys/fs/fuse/connections")
 # Errors a reader may see on the mount of an instance that was dead meanwhile.
 WHILE_DOWN = {"ENOTCONN", "ECONNABORTED", "ENOENT", "SIGBUS"}
@@ -396,6 +397,29 @@ def fuse_waiting(mountpoint: Path) -> int | None:
         return None
 
 
+def abort_connection(mountpoint: Path) -> None:
+    """Abort a mount's FUSE connection (fusectl): its waiting requests fail, ENOTCONN."""
+    entry = mounts.find_mount(mountpoint)
+    if entry is not None:
+        with contextlib.suppress(OSError, IndexError):
+            (FUSECTL / entry.device.split(":")[1] / "abort").write_text("1\n")
+
+
+def stuck_threads(pid: int) -> list[str]:
+    """The threads of a process still there: state, and the kernel functions it waits in."""
+    out = []
+    with contextlib.suppress(OSError):
+        for task in sorted(os.listdir(f"/proc/{pid}/task")):
+            with contextlib.suppress(OSError):
+                state = (
+                    Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0]
+                )
+                stack = Path(f"/proc/{pid}/task/{task}/stack").read_text().split()
+                frames = [f.split("+")[0] for f in stack if "+" in f][:8]
+                out.append(f"{state} {' < '.join(frames)}")
+    return out
+
+
 def ensure_fusectl() -> str:
     """fusectl at /sys/fs/fuse/connections (the waiting counters); how it was found."""
     if any(e.fstype == "fusectl" for e in mounts.mount_entries()):
@@ -488,6 +512,8 @@ class Soak:
         self.loads: list[float] = []
         self.pipe_read, self.pipe_write = os.pipe()
         self.secret = Path()
+        self.fusectl = ""
+        self.stuck: list[dict[str, Any]] = []  # SIGKILLed daemons that did not exit
 
     # -- instances
     def daemon_args(self, instance: Instance) -> list[str]:
@@ -518,13 +544,23 @@ class Soak:
         }
 
     def kill_instance(self, instance: Instance) -> float:
+        """SIGKILL the daemon; if it does not exit, record why and abort its connection."""
         assert instance.fs is not None
         instance.sample()
         with self.lock:
             fs, instance.fs = instance.fs, None
+        killed = time.time()  # before the kill: its readers may see it first
         fs.process.kill()
-        fs.process.wait()
-        return time.time()
+        try:
+            fs.process.wait(timeout=KILL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.stuck.append(
+                {"instance": instance.index, "t": time.time(), "threads": stuck_threads(fs.pid)}
+            )
+            lib.eprint(f"soak: instance {instance.index} did not exit: aborting its connection")
+            abort_connection(instance.mountpoint)
+            fs.process.wait(timeout=KILL_WAIT_S)
+        return killed
 
     # -- readers
     def spawn(self, slot: Slot) -> None:
@@ -742,7 +778,8 @@ class Soak:
                 "source_descriptors_bounded": fds["source"] <= _IDLE_DESCRIPTORS,
                 "sockets_bounded": fds["socket"] <= allowed_sockets + end["peer_connections"],
                 "threads_back": end["threads"] <= start["threads"],
-                "fuse_waiting_0": end["fuse_waiting"] == 0,
+                "fuse_waiting_0": end["fuse_waiting"] == 0
+                or (end["fuse_waiting"] is None and self.fusectl == "not available"),
             }
             return all(end["checks"].values())
 
@@ -759,7 +796,7 @@ class Soak:
             write_version(self.backing, spec, 1)
         self.secret = lib.secret_file(self.work)
         self.stall_file = self.work / "source.stall"
-        fusectl = ensure_fusectl()
+        self.fusectl = fusectl = ensure_fusectl()
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # the flood's descriptors
         limit = args.memory_limit or args.capacity + 192 * MiB
@@ -816,7 +853,8 @@ class Soak:
                         slot.process.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         slot.process.kill()
-                        slot.process.wait()
+                        with contextlib.suppress(subprocess.TimeoutExpired):
+                            slot.process.wait(timeout=KILL_WAIT_S)
                         self.errors.append(
                             {"error": "reader hung at the end", "op": "-", "t": time.time()}
                             | {"instance": slot.instance, "kind": slot.kind}
@@ -841,7 +879,8 @@ class Soak:
             for slot in self.slots:
                 if slot.process is not None and slot.process.poll() is None:
                     slot.process.kill()
-                    slot.process.wait()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        slot.process.wait(timeout=KILL_WAIT_S)
             for instance in self.instances:
                 if instance.fs is not None and instance.fs.process.poll() is None:
                     instance.fs.unmount()
@@ -928,6 +967,7 @@ class Soak:
                 p["finished_while_stalled"] and not p["problems"] for p in self.probes
             ),
             "reader reports intact": counts["garbled_lines"] == 0,
+            "every SIGKILLed instance exited (its mount ENOTCONN)": not self.stuck,
         }
         for i in instances:
             n, end = i["instance"], i["end"]
@@ -961,6 +1001,7 @@ class Soak:
             "details": self.details[:20],
             "stall_probes": self.probes,
             "floods": self.floods,
+            "stuck_kills": self.stuck,
             "instances": instances,
             "checks": checks,
             "ok": all(checks.values()),
@@ -1012,6 +1053,16 @@ def markdown(r: dict[str, Any]) -> str:
             + f" ({versions} new versions in all)",
         ],
         ["errors seen by readers", errors or "none"],
+        [
+            "SIGKILLed instances that did not exit",
+            "; ".join(
+                f"instance {k['instance']}: " + ", ".join(sorted(set(k["threads"])))
+                for k in r["stuck_kills"]
+            )
+            + " (their connections aborted through fusectl)"
+            if r["stuck_kills"]
+            else "none",
+        ],
         [
             "cached reads during the stalls",
             f"{sum(p['finished_while_stalled'] for p in stalls)} of {len(stalls)} stalls: the "
