@@ -350,8 +350,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"reads with {result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "
         f"{result['read_ahead_kb']} KiB; {result['repeat']} repetitions "
         f"({result['cold_repeat']} for the scenarios that read the source).",
-        f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
-        f"median {load['median_1m']:.2f} (start {load['start']}, end {load['end']}).",
+        lib.describe_load(load),
         "",
         *table(
             HEADER,
@@ -524,13 +523,7 @@ def run_scenarios(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
             "dir": str(bench.source),
             **slowsource.summary(bench.src),
         },
-        "load_average": {
-            "start": load_start,
-            "end": lib.load_average(),
-            "min_1m": min(loads),
-            "max_1m": max(loads),
-            "median_1m": statistics.median(loads),
-        },
+        "load_average": lib.load_summary(load_start, loads),
         "elapsed_s": round(time.time() - started, 1),
         "notes": notes,
         "scenarios": {name: record.summary() for name, record in records.items()},

@@ -55,7 +55,6 @@ import os
 import random
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import threading
@@ -979,7 +978,6 @@ class Soak:
             checks[f"instance {n}: descriptors, threads, FUSE waiting back"] = end["settled"]
             checks[f"instance {n}: no unexpected log line"] = not i["log_problems"]
             checks[f"instance {n}: no OOM kill"] = not i["memory_limit"].get("oom_kills")
-        loads = self.loads or [0.0]
         return {
             "minutes": args.minutes,
             "elapsed_s": round(elapsed_s, 1),
@@ -1005,13 +1003,7 @@ class Soak:
             "instances": instances,
             "checks": checks,
             "ok": all(checks.values()),
-            "load_average": {
-                "start": load_start,
-                "end": lib.load_average(),
-                "min_1m": min(loads),
-                "max_1m": max(loads),
-                "median_1m": statistics.median(loads),
-            },
+            "load_average": lib.load_summary(load_start, self.loads),
         }
 
 
@@ -1114,8 +1106,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"Setup: 3 instances, --capacity {format_size(r['capacity_bytes'])} each, peers on "
         f"loopback; the source a faultfs mount; files {files} (stamped 16-byte units); "
         f"{r['readers']} readers (sequential, pread, mmap).",
-        f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
-        f"median {load['median_1m']:.2f} (start {load['start']}, end {load['end']}).",
+        lib.describe_load(load),
         "",
         *table(["", ""], rows),
         "",
