@@ -48,6 +48,7 @@ class FaultFS(pyfuse3.Operations):
         self._root = os.fsencode(os.path.abspath(root))
         self._stall_file = stall_file
         self._paths: dict[int, bytes] = {pyfuse3.ROOT_INODE: self._root}
+        self._backing: dict[int, int] = {pyfuse3.ROOT_INODE: os.lstat(self._root).st_ino}
         # (path, the backing file's inode number): a replaced file is another inode
         self._inodes: dict[tuple[bytes, int], int] = {
             (self._root, os.lstat(self._root).st_ino): pyfuse3.ROOT_INODE
@@ -73,6 +74,7 @@ class FaultFS(pyfuse3.Operations):
         inode = self._inodes.get((path, backing_ino))
         if inode is None:
             inode = self._inodes[path, backing_ino] = self._next_inode
+            self._backing[inode] = backing_ino
             self._paths[inode] = path
             self._next_inode += 1
         return inode
@@ -163,7 +165,13 @@ class FaultFS(pyfuse3.Operations):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if st.st_ino != self._backing.get(inode):
+            # The name points to another file since the kernel looked it up: as NFS
+            # does, ESTALE (the kernel looks the name up again and retries).
+            os.close(fd)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise pyfuse3.FUSEError(errno.EINVAL)
         self._fds[fd] = inode
