@@ -213,9 +213,8 @@ def test_peerlink_smoke(tmp_path: Path) -> None:
 KNOWN = {  # contract checks the soak fails now and then, on bugs not fixed yet
     "every SIGKILLed instance exited (its mount ENOTCONN)": "README Semantics 9: a daemon "
     "SIGKILLed while a worker thread waits on its own mount does not exit",
-    "cached reads during every stall": "benchmarks/README.md Soak finding 3, "
-    "test_stalled_source_still_answers_metadata_of_known_files: a cached file's open "
-    "can wait for the stalled source",
+    "cached reads during every stall": "benchmarks/README.md Soak finding 3: a cached "
+    "file's open can wait for the stalled source",
 }
 
 
