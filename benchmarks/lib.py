@@ -16,6 +16,7 @@ import secrets
 import select
 import signal
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -272,6 +273,26 @@ def proc_bytes(key: str, pid: int | None = None) -> int:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+def load_summary(start: list[float], samples: list[float]) -> dict[str, Any]:
+    """The load average of a run: at its start and end, and its 1-minute samples' range."""
+    samples = samples or [0.0]
+    return {
+        "start": start,
+        "end": load_average(),
+        "min_1m": min(samples),
+        "max_1m": max(samples),
+        "median_1m": statistics.median(samples),
+    }
+
+
+def describe_load(load: dict[str, Any]) -> str:
+    """The report's sentence for a `load_summary`."""
+    return (
+        f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
+        f"median {load['median_1m']:.2f} (start {load['start']}, end {load['end']})."
+    )
 
 
 def stop(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:

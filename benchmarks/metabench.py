@@ -206,13 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "memcachefs_args": list(args.memcachefs_arg),
         "cases": cases,
         "metadata_goals": goals,
-        "load_average": {
-            "start": load_start,
-            "end": lib.load_average(),
-            "min_1m": min(loads or [0.0]),
-            "max_1m": max(loads or [0.0]),
-            "median_1m": statistics.median(loads or [0.0]),
-        },
+        "load_average": lib.load_summary(load_start, loads),
         "elapsed_s": round(time.time() - started, 1),
         "ok": all(c["rss_ok"] for c in cases),
     }
@@ -228,8 +222,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"(created in {r['create_s']:.1f} s); {r['repeat']} repetitions, each a fresh daemon"
         + (f" ({' '.join(r['memcachefs_args'])})" if r["memcachefs_args"] else "")
         + ", the source's own commands first in each (its dentry cache warm).",
-        f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
-        f"median {load['median_1m']:.2f} (start {load['start']}, end {load['end']}).",
+        lib.describe_load(load),
         "",
     ]
     header = ["capacity", "step", "what", "source, s", "memcachefs, s", "x source"]

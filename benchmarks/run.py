@@ -8,13 +8,15 @@
     python benchmarks/run.py switch [--size 256M,1G,2G] [--repeat 5] [--cold-repeat 3]
     python benchmarks/run.py metadata [--entries 100000] [--capacity-cases 4M,256M] [--blocks 88M]
                                       [--repeat 3]
+    python benchmarks/run.py soak   [--minutes 30] [--capacity 128M] [--readers 6]
     python benchmarks/run.py --list
         any preset: [--json F] [--png F] [--markdown F] [--smoke] [--workdir DIR] [--keep]
 
 Every figure is a ratio to a ceiling measured in the same run: each scenario names
 its ceiling in SCENARIOS, each preset its goals. Goals are reported, never
 asserted (exit 0 unless a step fails: 2, or the run is interrupted: 130), except
-that the rss and metadata presets are checks of the RSS bound and exit 1 when it fails.
+that the rss and metadata presets are checks of the RSS bound and the soak a check of
+the contract under faults: they exit 1 when a check fails.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import lib
 import metabench
 import peerlink
 import slowsource
+import soak
 import switch
 from lib import MiB, fmt, table
 from memcachefs.config import format_size
@@ -143,6 +146,7 @@ class Preset:
     cold_repeat: int | None = None  # the default --cold-repeat (None: --repeat)
     run: Callable[[argparse.Namespace], dict[str, Any]] | None = None  # its own runner
     smoke: dict[str, Any] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)  # of options it shares (None)
 
 
 CORE = [
@@ -191,6 +195,7 @@ PRESETS: dict[str, Preset] = {
         "daemon RSS under pressure (issue 2 item 7): exits 1 over the bound",
         run=pressure,
         smoke={"capacity": 16 * MiB, "files": 4, "duration": 3.0},
+        defaults={"capacity": 512 * MiB, "readers": 16},
     ),
     "switch": Preset(
         "model switch (issue 8 item 3): safetensors loads from the source, memcachefs cold, "
@@ -212,6 +217,23 @@ PRESETS: dict[str, Preset] = {
         cold_repeat=3,
         run=peerlink.run,
         smoke={"peer_rates": "1gbit"},
+    ),
+    "soak": Preset(
+        "the soak (issue 10 item 12): verified sequential, pread and mmap readers on a "
+        "3-instance cluster under version flips, killed readers and instances, a stalled "
+        "source, connection floods and a memory cgroup; exits 1 if a contract check fails",
+        run=soak.run,
+        smoke={
+            "capacity": 32 * MiB,
+            "flip_interval": 1.0,
+            "kill_interval": 2.0,
+            "down_s": 2.0,
+            "stall_s": 3.0,
+            "flood_connections": 1000,
+            "flood_s": 2.0,
+            "quiet_s": 3.0,
+        },
+        defaults={"capacity": 128 * MiB, "readers": 6},
     ),
 }
 
@@ -308,6 +330,8 @@ def markdown(result: dict[str, Any]) -> str:
         return metabench.markdown(result)
     if result["preset"] == "peerlink":
         return peerlink.markdown(result)
+    if result["preset"] == "soak":
+        return soak.markdown(result)
     load, src = result["load_average"], result["source"]
     source = {
         "local": f"a local directory ({src['dir']}): source_raw reads its disk, "
@@ -326,8 +350,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"reads with {result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "
         f"{result['read_ahead_kb']} KiB; {result['repeat']} repetitions "
         f"({result['cold_repeat']} for the scenarios that read the source).",
-        f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
-        f"median {load['median_1m']:.2f} (start {load['start']}, end {load['end']}).",
+        lib.describe_load(load),
         "",
         *table(
             HEADER,
@@ -500,13 +523,7 @@ def run_scenarios(preset: Preset, args: argparse.Namespace) -> dict[str, Any]:
             "dir": str(bench.source),
             **slowsource.summary(bench.src),
         },
-        "load_average": {
-            "start": load_start,
-            "end": lib.load_average(),
-            "min_1m": min(loads),
-            "max_1m": max(loads),
-            "median_1m": statistics.median(loads),
-        },
+        "load_average": lib.load_summary(load_start, loads),
         "elapsed_s": round(time.time() - started, 1),
         "notes": notes,
         "scenarios": {name: record.summary() for name, record in records.items()},
@@ -542,10 +559,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--skip", action="append", default=[], choices=GROUPS, help="skip a scenario group")
     add("--workdir", default="/var/tmp/memcachefs-bench", help="data, mounts, logs")
     add("--tmpfs-dir", default="/dev/shm", help="where the tmpfs copies go")
-    add("--capacity", type=lib.size_arg, default="512M", help="rss: cache capacity C")
+    add("--capacity", type=lib.size_arg, help="rss: cache capacity C (512M); soak: each (128M)")
     add("--working-set-factor", type=int, default=4, help="rss: working set / C")
     add("--files", type=int, default=8, help="rss: files in the working set")
-    add("--readers", type=int, default=16, help="rss: reader processes")
+    add("--readers", type=int, help="rss: reader processes (16); soak: (6)")
     add("--duration", type=float, default=30.0, help="rss: seconds of reading")
     add("--read-size", type=lib.size_arg, default=MiB, help="rss: bytes per read")
     add("--entries", type=int, default=100_000, help="metadata: files in the directory")
@@ -561,6 +578,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=88 * MiB,
         help="metadata: bytes of blocks read first where the capacity holds them (88M)",
     )
+    add("--minutes", type=float, default=30.0, help="soak: minutes of load (30)")
+    add("--flip-interval", type=float, default=2.0, help="soak: seconds between new versions")
+    add("--kill-interval", type=float, default=5.0, help="soak: seconds between reader kills")
+    add("--down", dest="down_s", type=float, default=5.0, help="soak: seconds an instance is dead")
+    add("--stall", dest="stall_s", type=float, default=8.0, help="soak: seconds of a stall")
+    add("--flood-connections", type=int, default=4000, help="soak: half idle, half garbage")
+    add("--flood-hold", dest="flood_s", type=float, default=10.0, help="soak: seconds held")
+    add("--quiet", dest="quiet_s", type=float, default=20.0, help="soak: seconds between faults")
+    add("--memory-limit", type=lib.size_arg, help="soak: each daemon's cgroup (capacity + 192M)")
+    add("--seed", type=int, default=0, help="soak: the random choices")
     add("--json", type=Path, help="write every sample here")
     add("--png", type=Path, help="write a chart here (needs the 'bench' extra)")
     add("--markdown", type=Path, help="write the README results text here")
@@ -570,6 +597,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not args.list and not args.preset:
         parser.error("name a preset, or --list")
     preset = PRESETS[args.preset or "core"]
+    for name, value in preset.defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     args.source = args.source or ("local" if args.smoke else preset.source)
     args.repeat = args.repeat or (3 if args.preset == "metadata" else 5)
     try:

@@ -481,13 +481,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "dir": str(bench.source),
             **slowsource.summary(bench.src),
         },
-        "load_average": {
-            "start": load_start,
-            "end": lib.load_average(),
-            "min_1m": min(loads),
-            "max_1m": max(loads),
-            "median_1m": statistics.median(loads),
-        },
+        "load_average": lib.load_summary(load_start, loads),
         "elapsed_s": round(time.time() - started, 1),
         "notes": notes,
         "scenarios": {key: record.summary() for key, record in bench.records.items()},
@@ -593,8 +587,7 @@ def markdown(result: dict[str, Any], *, header: bool = True) -> str:
         f"loads); remote hits: a fresh instance peering on loopback with a cluster secret. "
         f"Every load verified against the tmpfs load (SHA-256 of all tensors): "
         f"{result['verified_loads']} loads verified, {len(result['mismatches'])} mismatches.",
-        f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
-        f"median {load['median_1m']:.2f}.",
+        lib.describe_load(load),
         *tables(result),
     ]
     if found := observations(result):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,77 +13,30 @@ import pytest
 from support import (
     DEADLINE_S,
     run_cli,
-    wait_until,
 )
 
 from memcachefs import mounts
+from memcachefs.testing import faultfs
 from memcachefs.testing.plugin import require_fuse
 
 
 # -- a fault-injecting source ---------------------------------------------------------
-@dataclass
-class FaultSource:
-    """A faultfs mount over `backing`: use `path` as memcachefs's source."""
-
-    backing: Path
-    path: Path
-    stall_file: Path
-    process: subprocess.Popen[bytes]
-
-    @contextlib.contextmanager
-    def stalled(self) -> Iterator[None]:
-        """Every request to the source waits while inside this block."""
-        self.stall_file.touch()
-        try:
-            yield
-        finally:
-            self.stall_file.unlink(missing_ok=True)
-
-
 @pytest.fixture
-def fault_source(tmp_path: Path) -> Iterator[FaultSource]:
+def fault_source(tmp_path: Path) -> Iterator[faultfs.FaultSource]:
     """A source directory served by memcachefs.testing.faultfs (see its docstring)."""
     require_fuse()
     backing = tmp_path / "backing"
     backing.mkdir()
     path = tmp_path / "faulty"
     path.mkdir()
-    stall_file = tmp_path / "faulty.stall"
-    log = open(tmp_path / "faultfs.log", "wb")  # noqa: SIM115 (closed at teardown)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "memcachefs.testing.faultfs",
-            str(backing),
-            str(path),
-            "--stall-file",
-            str(stall_file),
-        ],
-        stdout=log,
-        stderr=log,
-    )
-    source = FaultSource(backing, path, stall_file, process)
-    try:
-        wait_until(
-            lambda: process.poll() is not None or mounts.find_mount(path) is not None,
-            "faultfs to mount",
-        )
-        assert process.poll() is None, (tmp_path / "faultfs.log").read_text()
+    with faultfs.serve(
+        backing,
+        path,
+        stall_file=tmp_path / "faulty.stall",
+        log_path=tmp_path / "faultfs.log",
+        timeout_s=DEADLINE_S,
+    ) as source:
         yield source
-    finally:
-        stall_file.unlink(missing_ok=True)
-        if mounts.find_mount(path) is not None:
-            with contextlib.suppress(OSError):
-                mounts.unmount(path)
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=DEADLINE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
 
 
 # -- mounts made through the CLI ------------------------------------------------------

@@ -61,18 +61,21 @@ def fuse_required() -> None:
     require_fuse()
 
 
-def _run(preset: str, tmp_path: Path) -> tuple[dict[str, Any], str, str]:
-    """run.py PRESET --smoke; (the JSON, the markdown file, stdout)."""
+def _run(
+    preset: str, tmp_path: Path, timeout_s: float = 120, codes: tuple[int, ...] = (0,)
+) -> tuple[dict[str, Any], str, str]:
+    """run.py PRESET --smoke, which exits with one of `codes`; (the JSON, the markdown
+    file, stdout)."""
     out, md, work = tmp_path / f"{preset}.json", tmp_path / f"{preset}.md", tmp_path / "work"
     outputs = ["--json", str(out), "--markdown", str(md), "--png", str(tmp_path / "chart.png")]
     result = subprocess.run(
         [sys.executable, str(RUNNER), preset, "--smoke", "--workdir", str(work), *outputs],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
         check=False,
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode in codes, result.stdout + result.stderr
     # Nothing stays mounted under the work directory.
     assert not [entry for entry in mounts.mount_entries() if entry.mountpoint.startswith(str(work))]
     return json.loads(out.read_text()), md.read_text(), result.stdout
@@ -207,11 +210,50 @@ def test_peerlink_smoke(tmp_path: Path) -> None:
     assert not Path("/run/netns/mcfs-peer").exists()  # torn down
 
 
+KNOWN = {  # contract checks the soak fails now and then, on bugs not fixed yet
+    "every SIGKILLed instance exited (its mount ENOTCONN)": "README Semantics 9: a daemon "
+    "SIGKILLed while a worker thread waits on its own mount does not exit",
+    "cached reads during every stall": "benchmarks/README.md Soak finding 3: a cached "
+    "file's open can wait for the stalled source",
+}
+
+
+@pytest.mark.usefixtures("fuse_required")
+def test_soak_smoke(tmp_path: Path) -> None:
+    """One cycle of every fault on a 3-instance cluster with 32M each: the run exits 0
+    only if every contract check held; here, that each fault was injected and judged."""
+    data, md, _ = _run("soak", tmp_path, timeout_s=400, codes=(0, 1))
+    failed = {name for name, ok in data["checks"].items() if not ok}
+    if failed and failed <= KNOWN.keys():  # known, not fixed: the run found them again
+        pytest.xfail("; ".join(KNOWN[name] for name in failed))
+    assert not failed, failed
+    counts = data["counts"]
+    assert counts["verified_bytes"] > 0 and counts["opens"] > 0
+    for wrong in ("wrong_bytes", "mixed_bytes", "handle_mixed_bytes", "size_errors"):
+        assert counts.get(wrong, 0) == 0, wrong
+    faults = data["faults"]
+    for kind in ("version_flip", "reader_sigkill", "instance_sigkill", "instance_restart"):
+        assert faults.get(kind, 0) >= 1, kind
+    assert faults["source_stall"] == 1 and faults["connection_flood"] == 1
+    assert data["floods"][0]["connections"] == 1000
+    (probe,) = data["stall_probes"]
+    assert probe["finished_while_stalled"] and probe["mounts"] == 3 and not probe["problems"]
+    assert all(not e["unexpected"] for e in data["errors"].values()), data["errors"]
+    assert data["memory_limit"] in ("cgroup v2", "cgroup v1", "not applied")
+    assert [i["instance"] for i in data["instances"]] == [0, 1, 2]
+    assert sum(i["processes"] for i in data["instances"]) == 4  # one instance restarted
+    for instance in data["instances"]:
+        assert instance["exit"] == 0 and instance["end"]["settled"], instance
+        assert instance["peak_rss_bytes"] <= data["bound_bytes"]
+    assert "| result | PASS |" in md
+    assert "| instance | processes | peak RSS (VmHWM) / bound |" in md
+
+
 def test_presets_are_registered() -> None:
     listing = subprocess.run(
         [sys.executable, str(RUNNER), "--list"], capture_output=True, text=True, check=True
     ).stdout
-    for preset in ("core:", "suite:", "rss:", "switch:", "metadata:", "peerlink:"):
+    for preset in ("core:", "suite:", "rss:", "switch:", "metadata:", "peerlink:", "soak:"):
         assert preset in listing
     several = subprocess.run(
         [sys.executable, str(RUNNER), "core", "--size", "1M,2M"],

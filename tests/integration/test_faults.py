@@ -267,3 +267,40 @@ def test_stalled_source_still_answers_metadata_of_known_files(
         # Opening the root (the stale-mount check of `memcachefs stats`) needs no listing.
         assert fs.stats()["stale_answers"] >= 1
         assert fault_source.stall_file.exists()
+
+
+def test_faultfs_answers_an_open_file_with_its_own_attributes(fault_source) -> None:
+    """As on a local filesystem: a file replaced by rename is a new inode, and fstat of
+    a descriptor opened before answers for the old file (it answered for the new one,
+    so memcachefs pinned the old bytes under the new version)."""
+    (fault_source.backing / "f.dat").write_bytes(b"old!")
+    fd = os.open(fault_source.path / "f.dat", os.O_RDONLY)
+    try:
+        before = os.fstat(fd)
+        (fault_source.backing / "f.new").write_bytes(b"the new one")
+        os.replace(fault_source.backing / "f.new", fault_source.backing / "f.dat")
+        assert os.fstat(fd).st_size == 4
+        assert os.fstat(fd).st_ino == before.st_ino
+        assert os.pread(fd, 100, 0) == b"old!"
+        now = os.stat(fault_source.path / "f.dat")
+        assert now.st_size == 11 and now.st_ino != before.st_ino
+    finally:
+        os.close(fd)
+
+
+def test_a_handle_reads_its_version_to_the_end_over_a_fuse_source(
+    fault_source, memcachefs_mount
+) -> None:
+    """A handle opened before the source file is replaced reads the old bytes to the
+    end, also for blocks it had not read yet (they come from the source file it holds)."""
+    old, new = random.Random(1).randbytes(2 * MiB), random.Random(2).randbytes(2 * MiB + 4096)
+    (fault_source.backing / "model.dat").write_bytes(old)
+    fs = memcachefs_mount(fault_source.path, capacity="16M", args=["--block-size", "256K"])
+    with open(fs.path / "model.dat", "rb", buffering=0) as f:
+        first = f.read(65536)
+        (fault_source.backing / "model.new").write_bytes(new)
+        os.replace(fault_source.backing / "model.new", fault_source.backing / "model.dat")
+        rest = f.read()
+    assert first + rest == old
+    wait_until(lambda: (fs.path / "model.dat").stat().st_size == len(new), "the new version")
+    assert (fs.path / "model.dat").read_bytes() == new

@@ -11,20 +11,32 @@ file reads bypass the page cache), with two faults a test controls:
   a frozen network source.
 
 It stands in for the slow directory under memcachefs. Its inode numbers are
-its own; stop it with SIGTERM/SIGINT or by unmounting MNT.
+its own, one per file of SRC as on a local filesystem (a file replaced by
+rename gets a new one), and the attributes of an open file are those of the
+file it opened (fstat), not of whatever its name points to now. Stop it with
+SIGTERM/SIGINT or by unmounting MNT; `serve` starts it as a child process for
+tests and benchmarks.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import signal
 import stat
-from collections.abc import Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import pyfuse3
 import trio
+
+from memcachefs import mounts
 
 EIO_MARKER = b".eio"
 _POLL_S = 0.02
@@ -36,7 +48,11 @@ class FaultFS(pyfuse3.Operations):
         self._root = os.fsencode(os.path.abspath(root))
         self._stall_file = stall_file
         self._paths: dict[int, bytes] = {pyfuse3.ROOT_INODE: self._root}
-        self._inodes: dict[bytes, int] = {self._root: pyfuse3.ROOT_INODE}
+        self._backing: dict[int, int] = {pyfuse3.ROOT_INODE: os.lstat(self._root).st_ino}
+        # (path, the backing file's inode number): a replaced file is another inode
+        self._inodes: dict[tuple[bytes, int], int] = {
+            (self._root, os.lstat(self._root).st_ino): pyfuse3.ROOT_INODE
+        }
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._fds: dict[int, int] = {}
 
@@ -54,21 +70,23 @@ class FaultFS(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ESTALE) from None
 
-    def _inode(self, path: bytes) -> int:
-        inode = self._inodes.get(path)
+    def _inode(self, path: bytes, backing_ino: int) -> int:
+        inode = self._inodes.get((path, backing_ino))
         if inode is None:
-            inode = self._inodes[path] = self._next_inode
+            inode = self._inodes[path, backing_ino] = self._next_inode
+            self._backing[inode] = backing_ino
             self._paths[inode] = path
             self._next_inode += 1
         return inode
 
-    def _attributes(self, path: bytes) -> pyfuse3.EntryAttributes:
+    def _attributes(self, path: bytes, fd: int | None = None) -> pyfuse3.EntryAttributes:
+        """Attributes of `path`, or of the file open as `fd` (which `path` named)."""
         try:
-            st = os.lstat(path)
+            st = os.lstat(path) if fd is None else os.fstat(fd)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         entry = pyfuse3.EntryAttributes()
-        entry.st_ino = self._inode(path)
+        entry.st_ino = self._inode(path, st.st_ino)
         entry.entry_timeout = 0
         entry.attr_timeout = 0
         for field in ("st_mode", "st_nlink", "st_uid", "st_gid", "st_rdev", "st_size"):
@@ -89,7 +107,9 @@ class FaultFS(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         await self._gate()
-        return self._attributes(self._path(inode))
+        # An open file answers for itself, as fstat(2) on a local filesystem does.
+        fd = next((fd for fd, open_inode in self._fds.items() if open_inode == inode), None)
+        return self._attributes(self._path(inode), fd)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         await self._gate()
@@ -145,7 +165,13 @@ class FaultFS(pyfuse3.Operations):
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if st.st_ino != self._backing.get(inode):
+            # The name points to another file since the kernel looked it up: as NFS
+            # does, ESTALE (the kernel looks the name up again and retries).
+            os.close(fd)
+            raise pyfuse3.FUSEError(errno.ESTALE)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise pyfuse3.FUSEError(errno.EINVAL)
         self._fds[fd] = inode
@@ -182,6 +208,73 @@ async def _serve_until_signalled() -> None:
         nursery.start_soon(stop_on_signal)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+# -- run as a child process ----------------------------------------------------------
+@dataclass
+class FaultSource:
+    """A faultfs mount over `backing`: use `path` as memcachefs's source."""
+
+    backing: Path
+    path: Path
+    stall_file: Path
+    process: subprocess.Popen[bytes]
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """Every request to the source waits while inside this block."""
+        self.stall_file.touch()
+        try:
+            yield
+        finally:
+            self.stall_file.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def serve(
+    backing: Path, path: Path, *, stall_file: Path, log_path: Path, timeout_s: float = 20.0
+) -> Iterator[FaultSource]:
+    """faultfs mirroring `backing` at `path` (an empty directory) while in the block.
+
+    Raises RuntimeError with its log if it does not mount within `timeout_s`. At the
+    end the stall is lifted, `path` unmounted and the process stopped (killed if it
+    has not exited after `timeout_s`).
+    """
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "memcachefs.testing.faultfs",
+                str(backing),
+                str(path),
+                "--stall-file",
+                str(stall_file),
+            ],
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        deadline = time.monotonic() + timeout_s
+        while process.poll() is None and mounts.find_mount(path) is None:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(_POLL_S)
+        if process.poll() is not None or mounts.find_mount(path) is None:
+            raise RuntimeError(f"faultfs did not mount {path}: {log_path.read_text()[-2000:]}")
+        yield FaultSource(backing, path, stall_file, process)
+    finally:
+        stall_file.unlink(missing_ok=True)
+        if mounts.find_mount(path) is not None:
+            with contextlib.suppress(OSError):
+                mounts.unmount(path)
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
