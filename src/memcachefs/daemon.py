@@ -341,6 +341,9 @@ async def _serve(
                             await service.pusher.stop_all()
                     still_mounted = mounts.find_mount(config.mountpoint) is not None
                     pyfuse3.close(unmount=still_mounted)
+                    if service.pusher is not None:
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(service.pusher.close)
                     nursery.cancel_scope.cancel()
                     if client is not None:
                         client.close()

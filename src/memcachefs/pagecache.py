@@ -14,21 +14,20 @@ Rules that keep it correct:
 - Every block is pinned while a thread copies it, so its buffer is not reused.
 - Pages may be reclaimed by the kernel at any time: READ keeps working.
 
-A repeat open copies only what the kernel dropped: before pushing, a worker
-thread opens the file through the mount and asks `cachestat(2)` which blocks
-are still wholly in the page cache; those are skipped. That open is a FUSE
-request to this daemon, answered by the trio thread while the worker waits (its
-`open` finds this push running and starts no other). The thread is abandoned
-on cancel: after the FUSE loop ends nothing would answer it.
+A repeat open copies only what the kernel dropped: before pushing, a child
+process (residency.py) opens the file through the mount and asks `cachestat(2)`
+which blocks are still wholly in the page cache; those are skipped. That open
+is a FUSE request to this daemon, answered by the trio thread while the worker
+waits for the child (its `open` finds this push running and starts no other).
+The thread is abandoned on cancel: after the FUSE loop ends nothing would
+answer the child.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
-import platform
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,64 +39,12 @@ import trio
 from memcachefs.blockstore import BlockStore
 from memcachefs.keys import BlockKey, FileVersion
 from memcachefs.metrics import counter, gauge
+from memcachefs.residency import ResidencyProbe
 
 log = logging.getLogger(__name__)
 
 # pyfuse3 accepts any contiguous buffer (its stub says bytes): a memoryview avoids a copy.
 NotifyStore = Callable[[int, int, Any], None]
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
-# cachestat(2), Linux 6.5+: 451 on x86_64 and aarch64 (the unified syscall table).
-_CACHESTAT = 451 if platform.machine() in ("x86_64", "aarch64") else None
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class _CachestatRange(ctypes.Structure):
-    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
-
-
-class _Cachestat(ctypes.Structure):
-    _fields_ = [
-        ("nr_cache", ctypes.c_uint64),
-        ("nr_dirty", ctypes.c_uint64),
-        ("nr_writeback", ctypes.c_uint64),
-        ("nr_evicted", ctypes.c_uint64),
-        ("nr_recently_evicted", ctypes.c_uint64),
-    ]
-
-
-def resident_blocks(
-    path: Path, inode: int, size_bytes: int, block_size_bytes: int
-) -> set[int] | None:
-    """Indexes of the blocks of `path` wholly in the page cache (None: cannot tell).
-
-    None too when `path` is no longer `inode` (the file changed: another version's
-    pages say nothing about this one's).
-
-    Blocking (an open and one syscall per block): call it from a worker thread.
-    """
-    if _CACHESTAT is None:
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if os.fstat(fd).st_ino != inode:
-            return None
-        resident = set()
-        span = _CachestatRange()
-        stat = _Cachestat()
-        for index in range((size_bytes + block_size_bytes - 1) // block_size_bytes):
-            span.off = index * block_size_bytes
-            span.len = min(block_size_bytes, size_bytes - span.off)
-            if _libc.syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
-                return None  # ENOSYS: an older kernel
-            if stat.nr_cache >= -(-span.len // _PAGE_BYTES):
-                resident.add(index)
-        return resident
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -139,6 +86,7 @@ class PageCachePusher:
         # One thread: a push competes for the CPU with the reader it helps.
         self._limiter = trio.CapacityLimiter(1)
         self._pushes: dict[int, _Push] = {}
+        self._probe = ResidencyProbe()
         self.counters = PageCacheStatistics()
 
     def push(self, inode: int, version: FileVersion, relpath: bytes | None = None) -> None:
@@ -167,6 +115,11 @@ class PageCachePusher:
         for inode in list(self._pushes):
             await self.stop(inode)
 
+    def close(self) -> None:
+        """End the residency child (blocking; after the FUSE session closed, so that
+        an open it still waits on has failed)."""
+        self._probe.close()
+
     def _any_cached(self, version: FileVersion) -> bool:
         block_size = self._store.block_size_bytes
         return any(
@@ -183,7 +136,7 @@ class PageCachePusher:
                 if self._mountpoint is not None and push.relpath is not None:
                     path = self._mountpoint / os.fsdecode(push.relpath)
                     found: set[int] | None = await trio.to_thread.run_sync(
-                        resident_blocks,
+                        self._probe.resident_blocks,
                         path,
                         inode,
                         version.size,

@@ -211,8 +211,6 @@ def test_peerlink_smoke(tmp_path: Path) -> None:
 
 
 KNOWN = {  # contract checks the soak fails now and then, on bugs not fixed yet
-    "every SIGKILLed instance exited (its mount ENOTCONN)": "README Semantics 9: a daemon "
-    "SIGKILLed while a worker thread waits on its own mount does not exit",
     "cached reads during every stall": "benchmarks/README.md Soak finding 3: a cached "
     "file's open can wait for the stalled source",
 }

@@ -14,6 +14,7 @@ import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -304,3 +305,58 @@ def test_a_handle_reads_its_version_to_the_end_over_a_fuse_source(
     assert first + rest == old
     wait_until(lambda: (fs.path / "model.dat").stat().st_size == len(new), "the new version")
     assert (fs.path / "model.dat").read_bytes() == new
+
+
+def _reopen(path: Path, stop: threading.Event) -> None:
+    """Open and read `path` until `stop` or an error (the mount is gone)."""
+    while not stop.is_set():
+        try:
+            with open(path, "rb") as file:
+                file.read(1)
+        except OSError:
+            return
+
+
+def _abort_fuse_connection(mountpoint: Path) -> None:
+    """End a hung mount (its device from mountinfo: a stat of it would hang too)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mountpoint):
+            minor = fields[2].split(":")[1]
+            Path(f"/sys/fs/fuse/connections/{minor}/abort").write_text("1")
+
+
+def test_kill_9_while_the_daemon_waits_on_its_own_mount_ends_with_enotconn(
+    fault_source, memcachefs_mount
+) -> None:
+    """Semantics 9. An open of a cached file starts a page cache push, which asks what
+    the kernel holds through an open of the mounted file: a request to the daemon
+    itself, which waits while the source is stalled. Asked from a thread of the
+    daemon, a SIGKILL then left that thread waiting forever on the dead daemon: the
+    process never finished exiting, and the mount hung instead of ENOTCONN."""
+    (fault_source.backing / "model.bin").write_bytes(random.Random(5).randbytes(8 * MiB))
+    fs = memcachefs_mount(fault_source.path, capacity="64M", args=["--block-size", "1M"])
+    target = fs.path / "model.bin"
+    target.read_bytes()  # in memory: every open pushes
+    stop = threading.Event()
+    openers = [threading.Thread(target=_reopen, args=(target, stop)) for _ in range(2)]
+    for opener in openers:
+        opener.start()
+    try:
+        with fault_source.stalled():
+            time.sleep(1.5)  # opens and the pushes' own opens wait on the source
+            fs.process.kill()
+        # Its threads reading the source return once the stall ends (they cannot be
+        # interrupted before, Semantics 10); one waiting on the dead daemon never would.
+        try:
+            fs.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            _abort_fuse_connection(fs.path)  # leave no hung mount behind
+            pytest.fail("the SIGKILLed daemon did not exit: its mount hung")
+    finally:
+        stop.set()
+        for opener in openers:
+            opener.join(10)
+    with pytest.raises(OSError) as raised:
+        os.listdir(fs.path)
+    assert raised.value.errno == errno.ENOTCONN

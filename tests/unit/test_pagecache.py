@@ -12,7 +12,8 @@ import trio.testing
 
 from memcachefs.blockstore import BlockStore
 from memcachefs.keys import BlockKey, FileVersion
-from memcachefs.pagecache import PageCachePusher, resident_blocks
+from memcachefs.pagecache import PageCachePusher
+from memcachefs.residency import ResidencyProbe, resident_blocks
 
 BS = 64 * 1024
 
@@ -190,3 +191,26 @@ def test_resident_blocks_names_the_blocks_wholly_in_the_page_cache() -> None:
             assert resident_blocks(path, inode + 1, size, BS) is None
         finally:
             os.close(fd)
+
+
+def test_the_residency_probe_asks_a_child_process_and_restarts_it() -> None:
+    """The daemon never opens its own mount itself (a SIGKILL during that open would
+    hang the mount): a child answers, and a dead child is replaced at the next ask."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as folder:
+        path = Path(folder) / "f"
+        path.write_bytes(os.urandom(2 * BS))
+        inode = path.stat().st_ino
+        probe = ResidencyProbe()
+        try:
+            expected = resident_blocks(path, inode, 2 * BS, BS)
+            assert probe.resident_blocks(path, inode, 2 * BS, BS) == expected
+            child = probe._process
+            assert child is not None and child.pid != os.getpid()
+            child.kill()
+            child.wait()
+            assert probe.resident_blocks(path, inode, 2 * BS, BS) == expected  # a new one
+            assert probe._process is not child
+            assert probe.resident_blocks(path, inode + 1, 2 * BS, BS) is None
+        finally:
+            probe.close()
+        assert probe._process is not None and probe._process.poll() is not None
