@@ -14,6 +14,7 @@ and the sorted block indexes, or null (cannot tell).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -136,11 +137,15 @@ def _pipes(process: subprocess.Popen[bytes]) -> tuple[IO[bytes], IO[bytes]]:
 
 
 def main() -> None:
-    for line in sys.stdin.buffer:
-        path, inode, size_bytes, block_size_bytes = json.loads(line)
-        found = resident_blocks(path, inode, size_bytes, block_size_bytes)
-        sys.stdout.write(json.dumps(None if found is None else sorted(found)) + "\n")
-        sys.stdout.flush()
+    try:
+        for line in sys.stdin.buffer:
+            path, inode, size_bytes, block_size_bytes = json.loads(line)
+            found = resident_blocks(path, inode, size_bytes, block_size_bytes)
+            sys.stdout.write(json.dumps(None if found is None else sorted(found)) + "\n")
+            sys.stdout.flush()
+    except BrokenPipeError:  # the daemon is gone (killed): nothing to answer
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -214,3 +216,20 @@ def test_the_residency_probe_asks_a_child_process_and_restarts_it() -> None:
         finally:
             probe.close()
         assert probe._process is not None and probe._process.poll() is not None
+
+
+def test_the_residency_child_ends_quietly_when_its_daemon_is_gone() -> None:
+    """A killed daemon closes the child's pipes: no traceback in the daemon's log."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "memcachefs.residency"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert child.stdin is not None and child.stdout is not None and child.stderr is not None
+    child.stdout.close()
+    child.stdin.write(b'["/nonexistent", 1, 10, 4096]\n')
+    child.stdin.close()
+    assert child.stderr.read() == b""
+    child.stderr.close()
+    assert child.wait(timeout=30) == 0
