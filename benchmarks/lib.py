@@ -32,6 +32,7 @@ import numpy as np
 from memcachefs import mounts
 from memcachefs.config import MiB, parse_size
 from memcachefs.errors import ConfigError
+from memcachefs.testing.harness import MountedFS, mount
 
 GiB = 1024 * MiB
 GB = 1e9  # throughput is reported in GB/s (10^9 bytes per second)
@@ -445,3 +446,32 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+@contextlib.contextmanager
+def daemon(
+    source: Path,
+    mountpoint: Path,
+    *,
+    capacity: str,
+    args: list[str],
+    log_path: Path,
+    mounted_list: list[MountedFS],
+    notes: list[str],
+) -> Iterator[MountedFS]:
+    """A daemon mounted over `source` for one step of a preset: listed in
+    `mounted_list` while it runs (so an interrupt unmounts it), its log's problems
+    added to `notes` at the end, its mountpoint removed."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    mounted = mount(source, mountpoint, capacity=capacity, args=args, log_path=log_path)
+    mounted_list.append(mounted)
+    try:
+        yield mounted
+    finally:
+        problems = mounted.problems()
+        mounted.unmount()
+        mounted_list.remove(mounted)
+        with contextlib.suppress(OSError):
+            mountpoint.rmdir()
+        if problems:
+            notes.append(f"{mountpoint.name} daemon log: {problems[:3]}")

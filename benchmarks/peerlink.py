@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lib
 import slowsource
 import switch
-from memcachefs.testing.harness import MountedFS, mount
+from memcachefs.testing.harness import MountedFS
 
 NETNS, VETH_HOST, VETH_NS = "mcfs-peer", "mcfsp-host", "mcfsp-ns"
 HOST_ADDR, NS_ADDR, PREFIX_LEN = "10.204.0.1", "10.204.0.2", 24
@@ -140,13 +140,12 @@ class PeerLink:
     def secret_args(self) -> list[str]:
         return ["--cluster-secret-file", str(self.work / "cluster.secret")]
 
-    @contextlib.contextmanager
-    def daemon(self, label: str, args: Sequence[str], capacity: int) -> Iterator[MountedFS]:
-        mountpoint = self.work / "mnt" / label
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        mounted = mount(
+    def daemon(
+        self, label: str, args: Sequence[str], capacity: int
+    ) -> contextlib.AbstractContextManager[MountedFS]:
+        return lib.daemon(
             self.source,
-            mountpoint,
+            self.work / "mnt" / label,
             capacity=str(capacity),
             args=[
                 f"--kernel-read-ahead={self.args.read_ahead_kb}K",
@@ -154,16 +153,9 @@ class PeerLink:
                 *self.args.memcachefs_arg,
             ],
             log_path=self.work / f"{label}.log",
+            mounted_list=self.mounts,
+            notes=self.notes,
         )
-        self.mounts.append(mounted)
-        try:
-            yield mounted
-        finally:
-            problems = mounted.problems()
-            mounted.unmount()
-            self.mounts.remove(mounted)
-            if problems:
-                self.notes.append(f"{label} daemon log: {problems[:3]}")
 
     # -- measuring --------------------------------------------------------------------
     def row(self, rate: str) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import signal
 import statistics
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ import numpy as np
 import lib
 import slowsource
 from lib import MiB, fmt, table
-from memcachefs.testing.harness import MountedFS, mount
+from memcachefs.testing.harness import MountedFS
 from scenarios import Record
 from slowsource import SlowSource
 
@@ -271,13 +271,12 @@ class Switch:
             f"  {record.name:<40} {seconds:7.2f} s {ckpt.bytes / seconds / lib.GB:7.3f} GB/s{mark}"
         )
 
-    @contextlib.contextmanager
-    def daemon(self, label: str, args: Sequence[str] = ()) -> Iterator[MountedFS]:
-        mountpoint = self.work / "mnt" / label
-        mountpoint.mkdir(parents=True, exist_ok=True)
-        mounted = mount(
+    def daemon(
+        self, label: str, args: Sequence[str] = ()
+    ) -> contextlib.AbstractContextManager[MountedFS]:
+        return lib.daemon(
             self.source,
-            mountpoint,
+            self.work / "mnt" / label,
             capacity=self.capacity,
             args=[
                 f"--kernel-read-ahead={self.args.read_ahead_kb}K",
@@ -285,18 +284,9 @@ class Switch:
                 *self.args.memcachefs_arg,
             ],
             log_path=self.work / f"switch-{label}.log",
+            mounted_list=self.mounts,
+            notes=self.notes,
         )
-        self.mounts.append(mounted)
-        try:
-            yield mounted
-        finally:
-            problems = mounted.problems()
-            mounted.unmount()
-            self.mounts.remove(mounted)
-            with contextlib.suppress(OSError):
-                mountpoint.rmdir()
-            if problems:
-                self.notes.append(f"{label} daemon log: {problems[:3]}")
 
     def peering(self, port: int, *peers: int) -> list[str]:
         asks = [arg for peer in peers for arg in ("--peer", f"127.0.0.1:{peer}")]
