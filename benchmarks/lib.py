@@ -33,6 +33,7 @@ from memcachefs import mounts
 from memcachefs.config import MiB, parse_size
 from memcachefs.errors import ConfigError
 from memcachefs.testing.harness import MountedFS, mount
+from memcachefs.testing.harness import stop_process as stop
 
 GiB = 1024 * MiB
 GB = 1e9  # throughput is reported in GB/s (10^9 bytes per second)
@@ -294,17 +295,6 @@ def describe_load(load: dict[str, Any]) -> str:
         f"Load average (1 min) during the run: {load['min_1m']:.2f} to {load['max_1m']:.2f}, "
         f"median {load['median_1m']:.2f} (start {load['start']}, end {load['end']})."
     )
-
-
-def stop(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
-    """SIGTERM a child we started, SIGKILL it if it does not exit, and reap it."""
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def interrupt(signum: int, frame: object) -> None:

@@ -37,6 +37,7 @@ import pyfuse3
 import trio
 
 from memcachefs import mounts
+from memcachefs.testing.harness import stop_process
 
 EIO_MARKER = b".eio"
 _POLL_S = 0.02
@@ -268,13 +269,7 @@ def serve(
         if mounts.find_mount(path) is not None:
             with contextlib.suppress(OSError):
                 mounts.unmount(path)
-        if process.poll() is None:
-            process.terminate()
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process, timeout_s)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -24,6 +24,17 @@ from memcachefs.cli import read_statistics, spawn_daemon
 _PROBLEM_RE = re.compile(r" (WARNING|ERROR|CRITICAL) |^Traceback ")
 
 
+def stop_process(process: subprocess.Popen[Any], timeout_s: float = 10.0) -> None:
+    """SIGTERM a child we started, SIGKILL it if it does not exit, and reap it."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def fuse_available() -> str | None:
     """None when this process can mount FUSE filesystems, else why not."""
     try:
