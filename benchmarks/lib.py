@@ -417,6 +417,16 @@ def code_version() -> dict[str, Any]:
     }
 
 
+def preamble(result: dict[str, Any]) -> list[str]:
+    """The first lines of a preset's markdown: its command and duration, the machine
+    and the code."""
+    return [
+        f"Command: `{result['command']}` ({result['elapsed_s'] / 60:.1f} min)",
+        "",
+        describe(result["machine"], result["code"]),
+    ]
+
+
 def describe(info: dict[str, Any], code: dict[str, Any]) -> str:
     text = (
         f"Machine: {info.get('model_name', '?')}, {info.get('cpus')} CPUs, "

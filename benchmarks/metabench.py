@@ -215,9 +215,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def markdown(r: dict[str, Any]) -> str:
     load = r["load_average"]
     lines = [
-        f"Command: `{r['command']}` ({r['elapsed_s'] / 60:.1f} min)",
-        "",
-        lib.describe(r["machine"], r["code"]),
+        *lib.preamble(r),
         f"Directory: {r['entries']:,} empty files in one source directory on the local disk "
         f"(created in {r['create_s']:.1f} s); {r['repeat']} repetitions, each a fresh daemon"
         + (f" ({' '.join(r['memcachefs_args'])})" if r["memcachefs_args"] else "")

@@ -296,11 +296,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    code, load = result["code"], result["load_average"]
+    load = result["load_average"]
     lines = [
-        f"Command: `{result['command']}` ({result['elapsed_s'] / 60:.1f} min)",
-        "",
-        lib.describe(result["machine"], code),
+        *lib.preamble(result),
         f"Load average at the start {load['start']}, at the end {load['end']}.",
         "",
         f"A {result['size'] / lib.GiB:.2f} GiB file read sequentially ({result['buffer']} B "

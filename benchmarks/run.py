@@ -342,9 +342,7 @@ def markdown(result: dict[str, Any]) -> str:
         result["model_bytes"]
     )
     lines = [
-        f"Command: `{result['command']}` ({result['elapsed_s'] / 60:.1f} min)",
-        "",
-        lib.describe(result["machine"], result["code"]),
+        *lib.preamble(result),
         f"Source: {source}.",
         f"Files: {format_size(result['size_bytes'])}iB of random bytes{model}; sequential "
         f"reads with {result['buffer_bytes'] // 1024} KiB `readinto`; kernel readahead "

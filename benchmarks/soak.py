@@ -1103,9 +1103,7 @@ def markdown(r: dict[str, Any]) -> str:
             ]
         )
     lines = [
-        f"Command: `{r['command']}` ({r['elapsed_s'] / 60:.1f} min)",
-        "",
-        lib.describe(r["machine"], r["code"]),
+        *lib.preamble(r),
         f"Setup: 3 instances, --capacity {format_size(r['capacity_bytes'])} each, peers on "
         f"loopback; the source a faultfs mount; files {files} (stamped 16-byte units); "
         f"{r['readers']} readers (sequential, pread, mmap).",

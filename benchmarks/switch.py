@@ -564,11 +564,7 @@ def markdown(result: dict[str, Any], *, header: bool = True) -> str:
     load = result["load_average"]
     lines = []
     if header:
-        lines += [
-            f"Command: `{result['command']}` ({result['elapsed_s'] / 60:.1f} min)",
-            "",
-            lib.describe(result["machine"], result["code"]),
-        ]
+        lines += lib.preamble(result)
     lines += [
         f"Model switch. Source: {source}. Checkpoints: safetensors files of F16 matrices "
         f"(an embedding, 64 MiB from 256 MiB up; attention and MLP weights) and F32 norms: "
