@@ -283,6 +283,16 @@ class CacheConfig(BaseModel):
             "SIZE",
         ),
     ] = 64 * MiB
+    inode_limit: Annotated[
+        int,
+        Field(ge=100),
+        Option(
+            "inode-limit",
+            "inodes the kernel may hold (the daemon keeps a record of each); past it the "
+            "least recently looked-up names are dropped from the kernel's cache",
+            "N",
+        ),
+    ] = 100_000
     metadata_timeout_s: Annotated[
         float,
         Field(gt=0),

@@ -119,7 +119,7 @@ class Service:
 
     def components(self) -> list[HasStatistics]:
         parts: list[HasStatistics] = [self.store, self.loader, self.source, self.metadata]
-        parts += [self.files, self.fs, self.warmer]
+        parts += [self.files, self.fs, self.fs.inode_limit, self.warmer]
         return parts + [part for part in (self.prefetcher, self.pusher) if part is not None]
 
 
@@ -134,6 +134,7 @@ def build_service(
     push_page_cache: bool,
     metadata_cache_bytes: int = 64 * 1024 * 1024,
     metadata_timeout_s: float = 10.0,
+    inode_limit: int | None = None,
     prefetch_patterns: tuple[str, ...] | None = None,
     prefetch_window_bytes: int = 64 * 1024 * 1024,
     stale_grace_s: float = 0.5,
@@ -195,7 +196,9 @@ def build_service(
         root_xattrs={STATS_XATTR: lambda: json.dumps(statistics(), sort_keys=True).encode()},
         readdir_reply=readdir_reply,
         pusher=pusher,
+        inode_limit=inode_limit,
     )
+    nursery.start_soon(fs.inode_limit.run)
     warmer = Warmer(
         loader,
         metadata,
@@ -276,6 +279,7 @@ async def _serve(
                     mountpoint=config.mountpoint,
                     metadata_cache_bytes=cache.metadata_cache_bytes,
                     metadata_timeout_s=cache.metadata_timeout_s,
+                    inode_limit=cache.inode_limit,
                     prefetch_patterns=None if cache.no_prefetch else cache.prefetch_patterns,
                     prefetch_window_bytes=cache.prefetch_window_bytes,
                     static_statistics={
@@ -335,6 +339,8 @@ async def _serve(
                         log.warning("requests still in flight were abandoned (they get an error)")
                 finally:
                     http_stop.set()
+                    with trio.CancelScope(shield=True):  # no kernel call once it is closed
+                        await fs.inode_limit.stop()
                     if service.pusher is not None:
                         # No thread may store pages once the FUSE session is closed.
                         with trio.CancelScope(shield=True):

@@ -22,7 +22,7 @@ import trio
 
 from memcachefs.errors import ReadError
 from memcachefs.handles import OpenFiles
-from memcachefs.inodes import InodeTable
+from memcachefs.inodes import InodeLimit, InodeTable, InvalidateEntry
 from memcachefs.keys import FileVersion, block_span
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import counter, gauge
@@ -94,6 +94,7 @@ class FilesystemStatistics:
 
 @dataclass
 class OpenDir:
+    inode: int
     relpath: bytes
     entries: Listing | None = None  # fetched by the first readdir
 
@@ -114,6 +115,8 @@ class Filesystem(pyfuse3.Operations):
         root_xattrs: dict[bytes, Callable[[], bytes]] | None = None,
         readdir_reply: ReaddirReply | None = None,
         pusher: PageCachePusher | None = None,
+        inode_limit: int | None = None,
+        invalidate_entry: InvalidateEntry = pyfuse3.invalidate_entry,
     ) -> None:
         super().__init__()
         self._source = source
@@ -125,6 +128,7 @@ class Filesystem(pyfuse3.Operations):
         self._readdir_reply = readdir_reply or pyfuse3.readdir_reply
         self._pusher = pusher
         self.inodes = InodeTable()
+        self.inode_limit = InodeLimit(self.inodes, inode_limit, invalidate_entry)  # None: none
         self._dirs: dict[int, OpenDir] = {}
         self._next_dir_handle = 1
         self.counters = FilesystemStatistics()
@@ -158,6 +162,8 @@ class Filesystem(pyfuse3.Operations):
         st = await self._lstat(relpath)
         inode = self.inodes.inode(relpath, st)
         self.inodes.looked_up(inode)
+        self.inodes.touch(parent_inode)
+        self.inode_limit.check()
         return self._entry(inode, st)
 
     async def _lstat(self, relpath: bytes) -> os.stat_result:
@@ -220,7 +226,7 @@ class Filesystem(pyfuse3.Operations):
         # stats` and the stale-mount check do) never waits for a stalled source.
         fh = self._next_dir_handle
         self._next_dir_handle += 1
-        self._dirs[fh] = OpenDir(self._path(inode))
+        self._dirs[fh] = OpenDir(inode, self._path(inode))
         return fh
 
     @_handler
@@ -237,6 +243,8 @@ class Filesystem(pyfuse3.Operations):
             if not self._readdir_reply(token, name, self._entry(inode, st), position + 1):
                 break
             self.inodes.looked_up(inode)
+        self.inodes.touch(handle.inode)
+        self.inode_limit.check()
 
     @_handler
     async def releasedir(self, fh: int) -> None:

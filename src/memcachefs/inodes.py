@@ -6,15 +6,29 @@ the kernel keeps a page cache and a size per inode, so one inode per version
 keeps an old handle's pages and size apart from a new open's, and a read never
 mixes the two. Directories and other files keep their inode while the kernel
 knows them. An inode is dropped when the kernel forgets it.
+
+The kernel forgets an inode only when it drops the name (memory pressure, or
+when asked), so the number it holds is bounded here: past `limit`, the
+InodeLimit asks it to drop the least recently looked-up names
+(`invalidate_entry`); it then forgets their inodes, except those in use (open
+files, working directories), which stay until they are released.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyfuse3
+import trio
+
+from memcachefs.metrics import counter, gauge
+
+log = logging.getLogger(__name__)
 
 ROOT_INODE = pyfuse3.ROOT_INODE
 
@@ -29,6 +43,13 @@ def identity_of(st: os.stat_result) -> Identity:
     return (kind,)
 
 
+INVALIDATE_BATCH = 1024  # names dropped per worker call
+LOW_WATER = 0.9  # past the limit, names are dropped until this share of it is held
+STOP_WAIT_S = 2.0  # how long shutdown waits for an invalidation the kernel holds up
+
+InvalidateEntry = Callable[[int, bytes], None]
+
+
 @dataclass(frozen=True)
 class InodeStatistics:
     inodes: int
@@ -38,7 +59,9 @@ class InodeTable:
     def __init__(self) -> None:
         self._paths: dict[int, bytes] = {ROOT_INODE: b""}
         self._inodes: dict[bytes, int] = {b"": ROOT_INODE}
+        # Insertion-ordered: the least recently looked-up inode first.
         self._lookups: dict[int, int] = {ROOT_INODE: 1}
+        self._asked: set[int] = set()  # asked to be forgotten (the kernel may refuse)
         self._attributes: dict[int, os.stat_result] = {}
         self._next = ROOT_INODE + 1
 
@@ -88,7 +111,42 @@ class InodeTable:
 
     def looked_up(self, inode: int) -> None:
         """The kernel took a reference (lookup, readdirplus entry)."""
-        self._lookups[inode] += 1
+        self._lookups[inode] = self._lookups.pop(inode) + 1  # now the most recent
+        self._asked.discard(inode)
+
+    def touch(self, inode: int) -> None:
+        """`inode` (a directory whose entries are being looked up) is in use: the most
+        recent, so the limit does not drop it with all its entries."""
+        count = self._lookups.pop(inode, None)
+        if count is not None:
+            self._lookups[inode] = count
+
+    @property
+    def held(self) -> int:
+        """Inodes the kernel holds (the root included)."""
+        return len(self._lookups)
+
+    @property
+    def asked(self) -> int:
+        """Inodes the kernel was asked to forget and still holds."""
+        return len(self._asked)
+
+    def oldest_names(self, count: int) -> list[tuple[int, bytes]]:
+        """(parent inode, name) of up to `count` of the least recently looked-up
+        inodes not asked for yet; from now on they count as asked."""
+        names: list[tuple[int, bytes]] = []
+        for inode in self._lookups:
+            if len(names) >= count:
+                break
+            if inode == ROOT_INODE or inode in self._asked:
+                continue
+            parent_path, _, name = self._paths[inode].rpartition(b"/")
+            parent = self._inodes.get(parent_path)
+            if parent is None or parent not in self._lookups:
+                continue
+            self._asked.add(inode)
+            names.append((parent, name))
+        return names
 
     def forget(self, inode: int, count: int) -> None:
         if inode == ROOT_INODE or inode not in self._lookups:
@@ -96,6 +154,7 @@ class InodeTable:
         self._lookups[inode] -= count
         if self._lookups[inode] <= 0:
             del self._lookups[inode]
+            self._asked.discard(inode)
             self._attributes.pop(inode, None)
             relpath = self._paths.pop(inode)
             if self._inodes.get(relpath) == inode:  # not replaced by a newer version's
@@ -103,3 +162,71 @@ class InodeTable:
 
     def statistics(self) -> InodeStatistics:
         return InodeStatistics(inodes=len(self._paths))
+
+
+@dataclass
+class InodeLimitStatistics:
+    inode_limit: int = gauge("inodes the kernel may hold before names are dropped (--inode-limit)")
+    inodes_dropped: int = counter("names the kernel was asked to drop to keep within the limit")
+
+
+class InodeLimit:
+    """Keeps the inodes the kernel holds within `limit` (run() in a nursery)."""
+
+    def __init__(
+        self,
+        table: InodeTable,
+        limit: int | None,
+        invalidate_entry: InvalidateEntry = pyfuse3.invalidate_entry,
+    ) -> None:
+        self._table = table
+        self._limit = (1 << 62) if limit is None else limit
+        self._invalidate_entry = invalidate_entry
+        self._over = trio.Event()
+        self._stopping = threading.Event()
+        self._calling = threading.Lock()  # held while the kernel is being asked
+        self.counters = InodeLimitStatistics(inode_limit=self._limit if limit else 0)
+
+    def check(self) -> None:
+        """Called after the kernel took references: wakes run() past the limit."""
+        if self._table.held > self._limit:
+            self._over.set()
+
+    async def run(self) -> None:
+        low_water = int(self._limit * LOW_WATER)
+        while True:
+            await self._over.wait()
+            self._over = trio.Event()
+            while not self._stopping.is_set():
+                # Those asked for and not forgotten yet are on their way out.
+                wanted = self._table.held - self._table.asked - low_water
+                names = self._table.oldest_names(min(INVALIDATE_BATCH, wanted))
+                if not names:  # within the limit, or all the rest in use
+                    break
+                # In a worker thread: the kernel takes the directory's lock, which a
+                # request being answered on this thread may hold.
+                await trio.to_thread.run_sync(self._drop, names, abandon_on_cancel=True)
+                self.counters.inodes_dropped += len(names)
+            await trio.sleep(0.1)  # let the kernel's FORGETs arrive before looking again
+
+    def _drop(self, names: list[tuple[int, bytes]]) -> None:
+        with self._calling:
+            for parent, name in names:
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._invalidate_entry(parent, name)
+                except FileNotFoundError:
+                    pass  # the kernel dropped it already
+                except OSError as error:
+                    log.debug("invalidate_entry(%d, %r): %s", parent, name, error)
+
+    async def stop(self) -> None:
+        """No call into the kernel after this returns, unless one is held up in the
+        kernel past STOP_WAIT_S (before the FUSE session closes)."""
+        self._stopping.set()
+        if await trio.to_thread.run_sync(self._calling.acquire, True, STOP_WAIT_S):
+            self._calling.release()
+
+    def statistics(self) -> InodeLimitStatistics:
+        return InodeLimitStatistics(**vars(self.counters))
