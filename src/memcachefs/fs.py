@@ -27,7 +27,7 @@ from memcachefs.keys import FileVersion, block_span
 from memcachefs.metadata import MetadataCache
 from memcachefs.metrics import counter, gauge
 from memcachefs.pagecache import PageCachePusher
-from memcachefs.source import Listing, Source, version_of
+from memcachefs.source import DirectoryStream, Listing, Source, version_of
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class OpenDir:
     inode: int
     relpath: bytes
     entries: Listing | None = None  # fetched by the first readdir
+    stream: DirectoryStream | None = None  # instead, for a directory too large to cache
 
 
 class Filesystem(pyfuse3.Operations):
@@ -232,13 +233,19 @@ class Filesystem(pyfuse3.Operations):
     @_handler
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         handle = self._dirs[fh]
-        if handle.entries is None:
-            # Sorted once by the cache and shared by every handle of this directory.
+        if handle.entries is None and handle.stream is None:
+            # Sorted once by the cache and shared by every handle of this directory;
+            # a directory too large for the cache is read from the source in chunks.
             handle.entries = await self._metadata.listdir(handle.relpath)
-        entries = handle.entries
+            if handle.entries is None:
+                handle.stream = DirectoryStream(self._source, handle.relpath)
+        if handle.stream is not None:
+            first, entries = await handle.stream.entries_from(start_id)
+        else:
+            first, entries = 0, handle.entries or []
         prefix = handle.relpath + b"/" if handle.relpath else b""
-        for position in range(start_id, len(entries)):
-            name, st = entries[position]
+        for position in range(start_id, first + len(entries)):
+            name, st = entries[position - first]
             inode = self.inodes.inode(prefix + name, st)
             if not self._readdir_reply(token, name, self._entry(inode, st), position + 1):
                 break
@@ -248,7 +255,9 @@ class Filesystem(pyfuse3.Operations):
 
     @_handler
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        handle = self._dirs.pop(fh, None)
+        if handle is not None and handle.stream is not None:
+            handle.stream.close()
 
     # -- files -----------------------------------------------------------------
     @_handler

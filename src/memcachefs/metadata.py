@@ -41,7 +41,7 @@ import trio
 
 from memcachefs.metrics import counter, gauge
 from memcachefs.singleflight import SingleFlight
-from memcachefs.source import Listing, Source, unchanged
+from memcachefs.source import Listing, ListingTooLarge, Source, unchanged
 
 V = TypeVar("V")
 
@@ -168,8 +168,8 @@ class _ByteLRU:
         if item is not None:
             self.used_bytes -= item.size
 
-    def count(self, predicate: Callable[[bytes], bool]) -> int:
-        return sum(1 for key in self._items if predicate(key))
+    def count(self, predicate: Callable[[bytes, _Cached], bool]) -> int:
+        return sum(1 for key, item in self._items.items() if predicate(key, item))
 
 
 @dataclass(frozen=True)
@@ -270,7 +270,7 @@ class MetadataCache:
             return None
         head, _, name = relpath.rpartition(b"/")
         listing = self._cache.get(_LISTING_KEY + head)  # in use: the last to be evicted
-        if listing is None:
+        if listing is None or listing.value is None:  # not cached, or too large
             return None
         index = bisect.bisect_left(listing.value, name, key=lambda entry: entry[0])
         if index < len(listing.value) and listing.value[index][0] == name:
@@ -295,8 +295,9 @@ class MetadataCache:
             listing.chunks_checked_at[chunk] = now
         return True
 
-    async def listdir(self, relpath: bytes) -> Listing:
-        """The directory's entries sorted by name (the same list for every caller)."""
+    async def listdir(self, relpath: bytes) -> Listing | None:
+        """The directory's entries sorted by name (the same list for every caller);
+        None for a directory with more entries than the budget holds (stream it)."""
         key = _LISTING_KEY + relpath
         cached = await self._lookup(key, key, lambda _: self._fetch_listing(relpath))
         return cached.value  # type: ignore[no-any-return]
@@ -445,13 +446,16 @@ class MetadataCache:
         key = _LISTING_KEY + relpath
         cached = self._cache.peek(key)
         previous: Listing | None = None if cached is None else cached.value
+        most = (self._cache.budget_bytes - LISTING_BYTES) // LISTED_ENTRY_BYTES
         try:  # the entries of `previous` that did not change are kept as they are
-            listing = await self._source.listdir(relpath, previous)
+            listing: Listing | None = await self._source.listdir(relpath, previous, most)
         except FileNotFoundError:
             self._cache.pop(key)
             raise
+        except ListingTooLarge:
+            listing = None  # remembered as such for the TTL (no scan up to `most` each time)
         now = self._clock()
-        size = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name, _ in listing)
+        size = LISTING_BYTES + sum(len(name) + LISTED_ENTRY_BYTES for name, _ in listing or ())
         item = _Cached(listing, now, size)
         self._cache.put(key, item)  # its entries' attributes: newer than their own records
         return item
@@ -518,9 +522,12 @@ class MetadataCache:
         self._cache.resize(relpath, cached, ATTRIBUTE_BYTES + len(relpath) + xattrs.size())
 
     def statistics(self) -> MetadataStatistics:
-        listings = self._cache.count(lambda key: key.startswith(_LISTING_KEY))
+        listings = self._cache.count(  # not those remembered as too large
+            lambda key, item: key.startswith(_LISTING_KEY) and item.value is not None
+        )
+        attributes = self._cache.count(lambda key, item: not key.startswith(_LISTING_KEY))
         return MetadataStatistics(
-            cached_attributes=len(self._cache) - listings,
+            cached_attributes=attributes,
             cached_listings=listings,
             metadata_cache_bytes=self._cache.used_bytes,
             metadata_cache_budget_bytes=self._cache.budget_bytes,

@@ -19,7 +19,8 @@ import operator
 import os
 import stat
 import threading
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
@@ -40,8 +41,10 @@ SOURCE_READ_SECONDS = Histogram(
 
 T = TypeVar("T")
 Listing = list[tuple[bytes, os.stat_result]]  # (name, attributes) of a directory's entries
+Closer = Callable[[], None]
 
 MAX_NAME_BYTES = 255
+STREAM_CHUNK = 1024  # entries of a streamed directory read from the source at once
 _IDLE_DESCRIPTORS = 64
 _CLOSE_THREADS = 2  # closes in flight at once (one may be stuck on a stalled source)
 
@@ -98,7 +101,7 @@ class Source:
         self._descriptors: dict[FileVersion, _Descriptor] = {}
         # close(2) of a file on a FUSE source (s3fs) waits for its FLUSH: never on
         # the trio thread, where a stalled source would freeze every cached read.
-        self._to_close, self._closing = trio.open_memory_channel[int](math.inf)
+        self._to_close, self._closing = trio.open_memory_channel[Closer](math.inf)
         self.counters = SourceStatistics()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -109,25 +112,31 @@ class Source:
             task_status.started()
 
     async def _close_released(self) -> None:
-        async for fd in self._closing:
+        async for close in self._closing:
             # Abandoned on cancel: a close stuck on a stalled source must not hold
             # up shutdown; the thread finishes it whenever the source answers.
-            await trio.to_thread.run_sync(os.close, fd, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(close, abandon_on_cancel=True)
 
     def _close_later(self, fd: int) -> None:
-        self._to_close.send_nowait(fd)
+        self.close_later(functools.partial(os.close, fd))
+
+    def close_later(self, close: Closer) -> None:
+        """Run `close` (a close(2) of something of the source) in a worker thread."""
+        self._to_close.send_nowait(close)
 
     def close(self) -> None:
         """Close every descriptor (in a thread of its own: the source may be stalled)."""
-        fds = [descriptor.fd for descriptor in self._descriptors.values()]
+        closers: list[Closer] = [
+            functools.partial(os.close, descriptor.fd) for descriptor in self._descriptors.values()
+        ]
         self._descriptors.clear()
         while True:
             try:
-                fds.append(self._closing.receive_nowait())
+                closers.append(self._closing.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 break
-        fds.append(self._root_fd)
-        threading.Thread(target=_close_all, args=(fds,), daemon=True).start()
+        closers.append(functools.partial(os.close, self._root_fd))
+        threading.Thread(target=_close_all, args=(closers,), daemon=True).start()
 
     def __enter__(self) -> Source:
         return self
@@ -142,15 +151,17 @@ class Source:
     async def readlink(self, relpath: bytes) -> bytes:
         return await self._metadata(self._at_parent, relpath, _readlink_at)
 
-    async def listdir(self, relpath: bytes, previous: Listing | None = None) -> Listing:
+    async def listdir(
+        self, relpath: bytes, previous: Listing | None = None, max_entries: int | None = None
+    ) -> Listing:
         """Names and lstat results of a directory's entries (vanished ones skipped),
-        sorted by name.
+        sorted by name; ListingTooLarge past `max_entries` (read no further).
 
         The entries of `previous` (an earlier listing of it) that did not change are
         returned as they were, the same objects: a rescan of a large directory then
         costs neither new attribute objects nor the memory of a second copy.
         """
-        return await self._metadata(self._scan, relpath, previous or [])
+        return await self._metadata(self._scan, relpath, previous or [], max_entries)
 
     async def statvfs(self) -> os.statvfs_result:
         return await self._metadata(os.statvfs, self._root_fd)
@@ -205,28 +216,38 @@ class Source:
                 os.close(fd)
         return found
 
-    def _scan(self, relpath: bytes, previous: Listing) -> Listing:
-        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY) if relpath else None
+    def _scan(self, relpath: bytes, previous: Listing, max_entries: int | None) -> Listing:
         known = {entry[0]: entry for entry in previous}
         entries: Listing = []
-        try:
-            with os.scandir(self._root_fd if fd is None else fd) as it:
-                for entry in it:
-                    name = os.fsencode(entry.name)
-                    try:
-                        st = entry.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    old = known.get(name)
-                    if old is not None and unchanged(old[1], st):
-                        entries.append(old)
-                    else:
-                        entries.append((name, compact_stat(st)))
-        finally:
-            if fd is not None:
-                os.close(fd)
+        with self._scandir(relpath) as it:
+            for entry in it:
+                if max_entries is not None and len(entries) >= max_entries:
+                    raise ListingTooLarge(relpath)
+                found = _entry_of(entry)
+                if found is None:
+                    continue
+                old = known.get(found[0])
+                entries.append(old if old is not None and unchanged(old[1], found[1]) else found)
         entries.sort(key=operator.itemgetter(0))
         return entries
+
+    def _scandir(self, relpath: bytes) -> DirectoryScan:
+        if not relpath:
+            return DirectoryScan(self._root_fd, None)
+        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return DirectoryScan(fd, owned_fd=fd)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    async def scandir(self, relpath: bytes) -> DirectoryScan:
+        """The entries of directory `relpath` (close the scan with close_later)."""
+        return await self._metadata(self._scandir, relpath)
+
+    async def next_entries(self, it: DirectoryScan, count: int) -> Listing:
+        """Up to `count` more entries of `it` (fewer only at its end)."""
+        return await self._metadata(_read_entries, it, count)
 
     def _xattr(self, call: Callable[..., T], relpath: bytes, *args: object) -> T:
         def at(dir_fd: int, name: bytes) -> T:
@@ -394,10 +415,10 @@ class Source:
         return replace(self.counters, open_descriptors=len(self._descriptors))
 
 
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
+def _close_all(closers: list[Closer]) -> None:
+    for close in closers:
         with contextlib.suppress(OSError):
-            os.close(fd)
+            close()
 
 
 def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result:
@@ -494,3 +515,90 @@ def _read_exactly(fd: int, buffer: memoryview, offset: int, version: FileVersion
     if (st.st_size, st.st_mtime_ns) != (version.size, version.mtime_ns) or done < len(buffer):
         raise StaleVersion(f"{version.relpath!r} changed in the source while being read")
     return xxhash.xxh3_64_intdigest(buffer)
+
+
+class DirectoryScan:
+    """os.scandir of a directory's descriptor, and the descriptor: the entries' stat
+    calls use it, so it stays open until the scan is closed."""
+
+    def __init__(self, fd: int, owned_fd: int | None) -> None:
+        self._it = os.scandir(fd)
+        self._owned_fd = owned_fd  # closed with the scan (not the root's)
+
+    def __iter__(self) -> Iterator[os.DirEntry[str]]:
+        return self._it
+
+    def __enter__(self) -> DirectoryScan:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._it.close()
+        if self._owned_fd is not None:
+            os.close(self._owned_fd)
+            self._owned_fd = None
+
+
+class ListingTooLarge(Exception):
+    """A directory has more entries than a listing may hold (read it as a stream)."""
+
+
+def _entry_of(entry: os.DirEntry[str]) -> tuple[bytes, os.stat_result] | None:
+    try:
+        return os.fsencode(entry.name), compact_stat(entry.stat(follow_symlinks=False))
+    except FileNotFoundError:  # removed meanwhile
+        return None
+
+
+def _read_entries(it: DirectoryScan, count: int) -> Listing:
+    entries: Listing = []
+    for entry in it:
+        found = _entry_of(entry)
+        if found is not None:
+            entries.append(found)
+            if len(entries) == count:
+                break
+    return entries
+
+
+class DirectoryStream:
+    """The entries of a directory too large to cache, read from the source a chunk at
+    a time in the source's order: one chunk in memory, whatever the directory's size.
+
+    Offsets are positions in that order; reading from an offset before the current
+    chunk (rewinddir, seekdir back) starts the scan again.
+    """
+
+    def __init__(self, source: Source, relpath: bytes) -> None:
+        self._source = source
+        self._relpath = relpath
+        self._it: DirectoryScan | None = None
+        self._ended = False
+        self._chunk: Listing = []
+        self._chunk_start = 0  # the offset of self._chunk[0]
+        self._lock = trio.Lock()
+
+    async def entries_from(self, offset: int) -> tuple[int, Listing]:
+        """A chunk of entries holding `offset`, and the offset of its first entry
+        (past the end: no entries)."""
+        async with self._lock:
+            if offset < self._chunk_start or (self._it is None and not self._ended):
+                self.close()
+                self._it = await self._source.scandir(self._relpath)
+                self._ended, self._chunk, self._chunk_start = False, [], 0
+            while offset >= self._chunk_start + len(self._chunk) and self._it is not None:
+                start = self._chunk_start + len(self._chunk)
+                self._chunk = await self._source.next_entries(self._it, STREAM_CHUNK)
+                self._chunk_start = start
+                if len(self._chunk) < STREAM_CHUNK:  # the end: its descriptor can go
+                    self._ended = True
+                    self.close()
+            return self._chunk_start, self._chunk
+
+    def close(self) -> None:
+        """Close the source directory (in a worker thread)."""
+        it, self._it = self._it, None
+        if it is not None:
+            self._source.close_later(it.close)

@@ -82,6 +82,7 @@ async def serving(
     capacity_blocks: int = 64,
     read_ahead_blocks: int = 4,
     stale_grace_s: float = 60.0,
+    metadata_cache_bytes: int = 64 * 1024 * 1024,
 ) -> AsyncIterator[Served]:
     clock = ManualClock()
     listed: list[tuple[bytes, pyfuse3.EntryAttributes, int]] = []
@@ -103,6 +104,7 @@ async def serving(
                 attr_timeout_s=TTL_S,
                 push_page_cache=False,
                 stale_grace_s=stale_grace_s,
+                metadata_cache_bytes=metadata_cache_bytes,
                 clock=clock,
                 readdir_reply=reply,
             )
@@ -211,6 +213,54 @@ async def test_readdir_resumes_where_the_kernel_buffer_filled(served: Served) ->
     await served.fs.readdir(fh, resume_at, None)
     names = [name for name, _, _ in accepted] + [name for name, _, _ in served.listed]
     assert names == [f"f{i}".encode() for i in range(10)]
+
+
+async def _list_like_the_kernel(served: Served, fh: int, per_call: int) -> list[bytes]:
+    """readdir until an empty answer, each buffer taking `per_call` - 1 entries."""
+    names: list[bytes] = []
+    offset = 0
+    while True:
+        served.listed.clear()
+        await served.fs.readdir(fh, offset, per_call)  # the reply refuses the last
+        accepted = served.listed[: per_call - 1]
+        if not accepted:
+            return names
+        names += [name for name, _, _ in accepted]
+        offset = accepted[-1][2]
+
+
+def _open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_directory_too_large_to_cache_is_read_from_the_source_in_chunks(
+    tmp_path: Path,
+) -> None:
+    """Its listing is not held (in the cache or by the handle): a chunk at a time."""
+    from memcachefs.metadata import LISTED_ENTRY_BYTES
+    from memcachefs.source import STREAM_CHUNK
+
+    root = tmp_path / "root"
+    (root / "d").mkdir(parents=True)
+    names = [f"f{i:05d}".encode() for i in range(2 * STREAM_CHUNK + 100)]
+    for name in names:
+        (root / "d" / name.decode()).write_bytes(name[-2:])
+    async with serving(root, metadata_cache_bytes=100 * LISTED_ENTRY_BYTES) as served:
+        directory = await served.inode("d")
+        descriptors = _open_descriptors()
+        fh = await served.fs.opendir(directory)
+        listed = await _list_like_the_kernel(served, fh, 500)
+        assert sorted(listed) == names  # each once
+        assert served.fs._dirs[fh].entries is None  # the handle holds one chunk, no listing
+        assert served.service.metadata.statistics().cached_listings == 0
+        assert await _list_like_the_kernel(served, fh, 700) == listed  # rewound: again
+        served.listed.clear()
+        await served.fs.readdir(fh, len(names) - 1, None)  # the last entry, with attributes
+        assert [(n, e.st_size) for n, e, _ in served.listed] == [(listed[-1], 2)]
+        await served.fs.releasedir(fh)
+        with trio.fail_after(5):  # the source directory is closed in a worker thread
+            while _open_descriptors() > descriptors:
+                await trio.sleep(0.01)
 
 
 async def test_readlink_returns_the_target_verbatim(served: Served) -> None:

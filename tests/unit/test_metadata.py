@@ -432,3 +432,26 @@ async def test_forget_of_a_listed_entry_asks_the_source_again(root: Path, source
         cache.forget(b"f")
         assert (await cache.lstat(b"f")).st_size == 5
         assert (await cache.lstat(b"f")).st_size == 5
+
+
+async def test_a_directory_with_more_entries_than_the_budget_holds_is_not_listed(
+    root: Path, source: Source
+) -> None:
+    """Its scan stops at what the budget holds (no listing of it in memory at all),
+    and that it is too large is remembered for the TTL: no scan again meanwhile."""
+    from memcachefs.metadata import LISTED_ENTRY_BYTES
+
+    (root / "d").mkdir()
+    for i in range(150):
+        (root / "d" / f"f{i:03d}").write_bytes(b"")
+    (root / "small").mkdir()
+    async with trio.open_nursery() as nursery:
+        cache = MetadataCache(source, nursery, ttl_s=TTL_S, budget_bytes=100 * LISTED_ENTRY_BYTES)
+        assert await cache.listdir(b"d") is None
+        calls = source_calls(source)
+        assert await cache.listdir(b"d") is None
+        assert source_calls(source) == calls
+        assert await cache.listdir(b"small") == []
+        stats = cache.statistics()
+        assert (stats.cached_listings, stats.cached_attributes) == (1, 0)
+        nursery.cancel_scope.cancel()
