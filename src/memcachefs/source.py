@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import math
 import operator
 import os
 import stat
 import threading
-import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TypeVar
