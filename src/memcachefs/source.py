@@ -232,11 +232,15 @@ class Source:
         return entries
 
     def _scandir(self, relpath: bytes) -> DirectoryScan:
-        if not relpath:
-            return DirectoryScan(self._root_fd, None)
-        fd = self._open_beneath(relpath, os.O_RDONLY | os.O_DIRECTORY)
+        # A descriptor of its own, the root's too: scandir reads a duplicate, which
+        # shares the file offset, and two scans of one directory may run at once.
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        if relpath:
+            fd = self._open_beneath(relpath, flags)
+        else:
+            fd = os.open(".", flags, dir_fd=self._root_fd)
         try:
-            return DirectoryScan(fd, owned_fd=fd)
+            return DirectoryScan(fd)
         except BaseException:
             os.close(fd)
             raise
@@ -521,9 +525,9 @@ class DirectoryScan:
     """os.scandir of a directory's descriptor, and the descriptor: the entries' stat
     calls use it, so it stays open until the scan is closed."""
 
-    def __init__(self, fd: int, owned_fd: int | None) -> None:
+    def __init__(self, fd: int) -> None:
         self._it = os.scandir(fd)
-        self._owned_fd = owned_fd  # closed with the scan (not the root's)
+        self._fd = fd
 
     def __iter__(self) -> Iterator[os.DirEntry[str]]:
         return self._it
@@ -536,9 +540,7 @@ class DirectoryScan:
 
     def close(self) -> None:
         self._it.close()
-        if self._owned_fd is not None:
-            os.close(self._owned_fd)
-            self._owned_fd = None
+        os.close(self._fd)
 
 
 class ListingTooLarge(Exception):
