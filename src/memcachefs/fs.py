@@ -244,7 +244,8 @@ class Filesystem(pyfuse3.Operations):
         else:
             first, entries = 0, handle.entries or []
         prefix = handle.relpath + b"/" if handle.relpath else b""
-        for position in range(start_id, first + len(entries)):
+        end = min(first + len(entries), start_id + self.inode_limit.room())
+        for position in range(start_id, end):
             name, st = entries[position - first]
             inode = self.inodes.inode(prefix + name, st)
             if not self._readdir_reply(token, name, self._entry(inode, st), position + 1):

@@ -16,12 +16,14 @@ files, working directories), which stay until they are released.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import stat
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import pyfuse3
 import trio
@@ -47,7 +49,19 @@ INVALIDATE_BATCH = 1024  # names dropped per worker call
 LOW_WATER = 0.9  # past the limit, names are dropped until this share of it is held
 STOP_WAIT_S = 2.0  # how long shutdown waits for an invalidation the kernel holds up
 
-InvalidateEntry = Callable[[int, bytes], None]
+InvalidateEntry = Callable[[int, bytes, int], None]  # pyfuse3.invalidate_entry
+
+
+class Name(NamedTuple):
+    """A name for the kernel to drop."""
+
+    parent: int
+    name: bytes
+    # A file's inode: dropped as if deleted, so that the kernel also evicts the inode
+    # (and sends its FORGET) once unused; a mere invalidation leaves an unused inode
+    # cached until memory pressure. 0 for a directory: one in use (a working
+    # directory) must stay usable.
+    deleted: int
 
 
 @dataclass(frozen=True)
@@ -59,9 +73,11 @@ class InodeTable:
     def __init__(self) -> None:
         self._paths: dict[int, bytes] = {ROOT_INODE: b""}
         self._inodes: dict[bytes, int] = {b"": ROOT_INODE}
-        # Insertion-ordered: the least recently looked-up inode first.
-        self._lookups: dict[int, int] = {ROOT_INODE: 1}
-        self._asked: set[int] = set()  # asked to be forgotten (the kernel may refuse)
+        # The kernel's lookup counts (the root, never forgotten, aside), insertion-
+        # ordered: the least recently looked-up inode first. Those it was asked to
+        # forget wait in `_asked` (it forgets one in use when it is released).
+        self._lookups: dict[int, int] = {}
+        self._asked: dict[int, int] = {}
         self._attributes: dict[int, os.stat_result] = {}
         self._next = ROOT_INODE + 1
 
@@ -90,7 +106,6 @@ class InodeTable:
         self._next += 1
         self._inodes[relpath] = inode
         self._paths[inode] = relpath
-        self._lookups[inode] = 0
         if st is not None:
             self._attributes[inode] = st
         return inode
@@ -98,7 +113,8 @@ class InodeTable:
     def known(self, relpath: bytes) -> int | None:
         """The inode the kernel holds for `relpath` now, if it holds one."""
         inode = self._inodes.get(relpath)
-        return inode if inode is not None and self._lookups.get(inode, 0) > 0 else None
+        held = inode == ROOT_INODE or inode in self._lookups or inode in self._asked
+        return inode if held else None
 
     def is_same_version(self, inode: int, st: os.stat_result) -> bool:
         """False if `st` (a path's attributes now) is another version than `inode`'s."""
@@ -111,8 +127,12 @@ class InodeTable:
 
     def looked_up(self, inode: int) -> None:
         """The kernel took a reference (lookup, readdirplus entry)."""
-        self._lookups[inode] = self._lookups.pop(inode) + 1  # now the most recent
-        self._asked.discard(inode)
+        if inode == ROOT_INODE:
+            return
+        count = self._lookups.pop(inode, None)
+        if count is None:  # new, or asked to be forgotten and in use again
+            count = self._asked.pop(inode, 0)
+        self._lookups[inode] = count + 1  # now the most recent
 
     def touch(self, inode: int) -> None:
         """`inode` (a directory whose entries are being looked up) is in use: the most
@@ -124,37 +144,35 @@ class InodeTable:
     @property
     def held(self) -> int:
         """Inodes the kernel holds (the root included)."""
-        return len(self._lookups)
+        return 1 + len(self._lookups) + len(self._asked)
 
     @property
     def asked(self) -> int:
         """Inodes the kernel was asked to forget and still holds."""
         return len(self._asked)
 
-    def oldest_names(self, count: int) -> list[tuple[int, bytes]]:
-        """(parent inode, name) of up to `count` of the least recently looked-up
-        inodes not asked for yet; from now on they count as asked."""
-        names: list[tuple[int, bytes]] = []
-        for inode in self._lookups:
-            if len(names) >= count:
-                break
-            if inode == ROOT_INODE or inode in self._asked:
-                continue
+    def oldest_names(self, count: int) -> list[Name]:
+        """Up to `count` of the least recently looked-up inodes not asked for yet,
+        as names to drop; from now on they count as asked."""
+        oldest = list(itertools.islice(self._lookups, max(count, 0)))
+        names: list[Name] = []
+        for inode in oldest:
+            self._asked[inode] = self._lookups.pop(inode)
             parent_path, _, name = self._paths[inode].rpartition(b"/")
             parent = self._inodes.get(parent_path)
-            if parent is None or parent not in self._lookups:
+            if parent is None:  # replaced: the kernel drops it with the old one
                 continue
-            self._asked.add(inode)
-            names.append((parent, name))
+            st = self._attributes.get(inode)
+            names.append(Name(parent, name, 0 if st is None or stat.S_ISDIR(st.st_mode) else inode))
         return names
 
     def forget(self, inode: int, count: int) -> None:
-        if inode == ROOT_INODE or inode not in self._lookups:
+        counts = self._lookups if inode in self._lookups else self._asked
+        if inode not in counts:  # the root, or unknown
             return
-        self._lookups[inode] -= count
-        if self._lookups[inode] <= 0:
-            del self._lookups[inode]
-            self._asked.discard(inode)
+        counts[inode] -= count
+        if counts[inode] <= 0:
+            del counts[inode]
             self._attributes.pop(inode, None)
             relpath = self._paths.pop(inode)
             if self._inodes.get(relpath) == inode:  # not replaced by a newer version's
@@ -187,6 +205,12 @@ class InodeLimit:
         self._calling = threading.Lock()  # held while the kernel is being asked
         self.counters = InodeLimitStatistics(inode_limit=self._limit if limit else 0)
 
+    def room(self) -> int:
+        """How many more entries a readdir may hand the kernel now: past the limit
+        (plus a batch of lag) one at a time, so that a listing of a huge directory
+        goes at the pace the kernel drops names, instead of outgrowing the limit."""
+        return max(1, self._limit + INVALIDATE_BATCH - self._table.held)
+
     def check(self) -> None:
         """Called after the kernel took references: wakes run() past the limit."""
         if self._table.held > self._limit:
@@ -207,19 +231,19 @@ class InodeLimit:
                 # request being answered on this thread may hold.
                 await trio.to_thread.run_sync(self._drop, names, abandon_on_cancel=True)
                 self.counters.inodes_dropped += len(names)
-            await trio.sleep(0.1)  # let the kernel's FORGETs arrive before looking again
+            await trio.sleep(0.02)  # let the kernel's FORGETs arrive before looking again
 
-    def _drop(self, names: list[tuple[int, bytes]]) -> None:
+    def _drop(self, names: list[Name]) -> None:
         with self._calling:
-            for parent, name in names:
+            for name in names:
                 if self._stopping.is_set():
                     return
                 try:
-                    self._invalidate_entry(parent, name)
+                    self._invalidate_entry(*name)
                 except FileNotFoundError:
                     pass  # the kernel dropped it already
-                except OSError as error:
-                    log.debug("invalidate_entry(%d, %r): %s", parent, name, error)
+                except OSError as error:  # ENOTEMPTY, EBUSY: in use
+                    log.debug("invalidate_entry%r: %s", tuple(name), error)
 
     async def stop(self) -> None:
         """No call into the kernel after this returns, unless one is held up in the
