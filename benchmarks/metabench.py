@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         data.parent.mkdir(exist_ok=True)
         if not data.exists() or data.stat().st_size != args.blocks:
             lib.write_test_file(data, args.blocks)
-    steps = _steps(args.entries)
+    steps = {s: m for s, m in _steps(args.entries).items() if s in args.steps}
     cases: list[dict[str, Any]] = []
     loads: list[float] = []
     load_start = lib.load_average()
@@ -133,9 +133,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "capacity_bytes": capacity,
                 "blocks_read_bytes": blocks,
                 "bound_bytes": int(1.1 * capacity) + 100 * MiB,
-                "source_s": {s: [] for s in STEPS},
-                "memcachefs_s": {s: [] for s in STEPS},
-                "counters": {s: {c: [] for c in COUNTERS} for s in STEPS},
+                "source_s": {s: [] for s in steps},
+                "memcachefs_s": {s: [] for s in steps},
+                "counters": {s: {c: [] for c in COUNTERS} for s in steps},
                 "peak_rss_bytes": [],
                 "rss_after_blocks_bytes": [],
                 "metadata_cache_bytes": [],
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             case["ratios"] = {
                 s: statistics.median(case["memcachefs_s"][s])
                 / statistics.median(case["source_s"][s])
-                for s in STEPS
+                for s in steps
             }
             case["rss_ok"] = max(case["peak_rss_bytes"]) <= case["bound_bytes"]
             cases.append(case)
@@ -190,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         }
         for c in cases
         for step, target in GOALS
+        if step in steps
     ]
     goals += [
         {
@@ -231,6 +232,8 @@ def markdown(r: dict[str, Any]) -> str:
         if c["blocks_read_bytes"]:
             cap += f" + {c['blocks_read_bytes'] // MiB} MiB of blocks"
         for step, what in STEPS.items():
+            if step not in c["ratios"]:
+                continue
             counters = c["counters"][step]
             rows.append(
                 [

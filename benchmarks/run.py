@@ -103,6 +103,14 @@ class Goal:
     at_most: bool = False
 
 
+def _metadata_steps(text: str) -> list[str]:
+    steps = [x.strip() for x in text.split(",") if x.strip()]
+    unknown = sorted(set(steps) - set(metabench.STEPS))
+    if unknown or not steps:
+        raise argparse.ArgumentTypeError(f"steps are some of {','.join(metabench.STEPS)}")
+    return steps
+
+
 def goals(table: str) -> tuple[Goal, ...]:
     """One goal a line: scenario, base, target (<=N: at most N), metric, the text."""
     out = []
@@ -564,6 +572,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--duration", type=float, default=30.0, help="rss: seconds of reading")
     add("--read-size", type=lib.size_arg, default=MiB, help="rss: bytes per read")
     add("--entries", type=int, default=100_000, help="metadata: files in the directory")
+    add(
+        "--steps",
+        type=_metadata_steps,
+        default=list(metabench.STEPS),
+        help="metadata: the steps timed (" + ",".join(metabench.STEPS) + ")",
+    )
     add(
         "--capacity-cases",
         type=lambda text: [lib.size_arg(x) for x in text.split(",") if x.strip()],

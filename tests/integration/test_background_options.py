@@ -28,6 +28,7 @@ def non_default_values(tmp_path: Path) -> dict[str, list[str]]:
         "metadata-threads": ["--metadata-threads", "5"],
         "metadata-cache": ["--metadata-cache", "8M"],
         "metadata-timeout": ["--metadata-timeout", "3"],
+        "inode-limit": ["--inode-limit", "5000"],
         "page-cache-push": ["--no-page-cache-push"],
         "prefetch": ["--prefetch", "*.gguf", "--prefetch", "*.bin"],
         "no-prefetch": ["--no-prefetch"],
