@@ -292,7 +292,7 @@ class CacheConfig(BaseModel):
             "least recently looked-up names are dropped from the kernel's cache",
             "N",
         ),
-    ] = 100_000
+    ] = 200_000
     metadata_timeout_s: Annotated[
         float,
         Field(gt=0),

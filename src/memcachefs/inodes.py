@@ -22,7 +22,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import pyfuse3
@@ -45,6 +45,9 @@ def identity_of(st: os.stat_result) -> Identity:
     return (kind,)
 
 
+# The daemon's memory per inode the kernel holds, as measured (benchmarks/README.md
+# "Metadata at scale"): the record, the attributes, their share of allocator pages.
+INODE_BYTES = 800
 INVALIDATE_BATCH = 1024  # names dropped per worker call
 LOW_WATER = 0.9  # past the limit, names are dropped until this share of it is held
 STOP_WAIT_S = 2.0  # how long shutdown waits for an invalidation the kernel holds up
@@ -186,6 +189,7 @@ class InodeTable:
 class InodeLimitStatistics:
     inode_limit: int = gauge("inodes the kernel may hold before names are dropped (--inode-limit)")
     inodes_dropped: int = counter("names the kernel was asked to drop to keep within the limit")
+    inode_records_bytes: int = gauge("estimated memory of the records of the inodes the kernel holds")
 
 
 class InodeLimit:
@@ -253,4 +257,4 @@ class InodeLimit:
             self._calling.release()
 
     def statistics(self) -> InodeLimitStatistics:
-        return InodeLimitStatistics(**vars(self.counters))
+        return replace(self.counters, inode_records_bytes=self._table.held * INODE_BYTES)

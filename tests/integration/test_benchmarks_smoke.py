@@ -159,6 +159,7 @@ def test_metadata_smoke(tmp_path: Path) -> None:
         assert all(case["source_s"][s] and case["memcachefs_s"][s] for s in steps)
         assert all(r > 0 for r in case["ratios"].values())
         assert case["rss_ok"] and max(case["peak_rss_bytes"]) <= case["bound_bytes"]
+        assert case["bound_bytes"] > case["data_bound_bytes"]  # the metadata options' share
         assert case["inodes"][0] >= 2000  # the listing reached the daemon
         # the second sweep of xattrs is answered by the cache: no call to the source
         assert case["counters"]["ls_l_warm"]["xattr_source_calls"] == [0]
