@@ -52,19 +52,15 @@ INVALIDATE_BATCH = 1024  # names dropped per worker call
 LOW_WATER = 0.9  # past the limit, names are dropped until this share of it is held
 STOP_WAIT_S = 2.0  # how long shutdown waits for an invalidation the kernel holds up
 
-InvalidateEntry = Callable[[int, bytes, int], None]  # pyfuse3.invalidate_entry
+InvalidateEntry = Callable[[int, bytes], None]  # pyfuse3.invalidate_entry
 
 
 class Name(NamedTuple):
-    """A name for the kernel to drop."""
+    """A name for the kernel to drop. FUSE evicts an inode when its last dentry
+    goes (and sends its FORGET), unless a file or working directory holds it."""
 
     parent: int
     name: bytes
-    # A file's inode: dropped as if deleted, so that the kernel also evicts the inode
-    # (and sends its FORGET) once unused; a mere invalidation leaves an unused inode
-    # cached until memory pressure. 0 for a directory: one in use (a working
-    # directory) must stay usable.
-    deleted: int
 
 
 @dataclass(frozen=True)
@@ -165,8 +161,7 @@ class InodeTable:
             parent = self._inodes.get(parent_path)
             if parent is None:  # replaced: the kernel drops it with the old one
                 continue
-            st = self._attributes.get(inode)
-            names.append(Name(parent, name, 0 if st is None or stat.S_ISDIR(st.st_mode) else inode))
+            names.append(Name(parent, name))
         return names
 
     def forget(self, inode: int, count: int) -> None:
@@ -189,7 +184,7 @@ class InodeTable:
 class InodeLimitStatistics:
     inode_limit: int = gauge("inodes the kernel may hold before names are dropped (--inode-limit)")
     inodes_dropped: int = counter("names the kernel was asked to drop to keep within the limit")
-    inode_records_bytes: int = gauge("estimated memory of the records of the inodes the kernel holds")
+    inode_records_bytes: int = gauge("estimated memory of the inodes the kernel holds")
 
 
 class InodeLimit:
@@ -246,7 +241,7 @@ class InodeLimit:
                     self._invalidate_entry(*name)
                 except FileNotFoundError:
                     pass  # the kernel dropped it already
-                except OSError as error:  # ENOTEMPTY, EBUSY: in use
+                except OSError as error:
                     log.debug("invalidate_entry%r: %s", tuple(name), error)
 
     async def stop(self) -> None:

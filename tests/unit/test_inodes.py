@@ -89,7 +89,7 @@ async def test_past_the_limit_the_least_recently_looked_up_names_are_dropped(
         table.looked_up(inode)
     table.looked_up(files[0])  # used again: now the most recent
     asked: list[tuple[int, bytes]] = []
-    limit = InodeLimit(table, 150, lambda parent, name, deleted: asked.append((parent, name)))
+    limit = InodeLimit(table, 150, lambda parent, name: asked.append((parent, name)))
     nursery.start_soon(limit.run)
     await _settle(limit)
     # Down to 90% of the limit (135 of 202 held), the oldest first, the root and
@@ -116,7 +116,7 @@ async def test_a_stopped_limit_asks_the_kernel_nothing(nursery: trio.Nursery) ->
     for i in range(300):
         table.looked_up(table.inode(b"f%d" % i))
     asked: list[tuple[int, bytes]] = []
-    limit = InodeLimit(table, 100, lambda parent, name, deleted: asked.append((parent, name)))
+    limit = InodeLimit(table, 100, lambda parent, name: asked.append((parent, name)))
     nursery.start_soon(limit.run)
     await limit.stop()
     await _settle(limit)
@@ -127,7 +127,7 @@ def test_no_limit_means_nothing_is_dropped() -> None:
     table = InodeTable()
     for i in range(300):
         table.looked_up(table.inode(b"f%d" % i))
-    limit = InodeLimit(table, None, lambda parent, name, deleted: None)
+    limit = InodeLimit(table, None, lambda parent, name: None)
     limit.check()
     assert limit.statistics().inode_limit == 0
 
@@ -143,22 +143,8 @@ async def test_a_directory_whose_entries_are_looked_up_is_not_dropped(
         table.looked_up(table.inode(b"busy/f%d" % i))
         table.touch(busy)  # as a lookup in it does
     asked: list[tuple[int, bytes]] = []
-    limit = InodeLimit(table, 140, lambda parent, name, deleted: asked.append((parent, name)))
+    limit = InodeLimit(table, 140, lambda parent, name: asked.append((parent, name)))
     nursery.start_soon(limit.run)
     await _settle(limit)
     # 153 held, down to 126: "old" first, never "busy" (the parent of all the rest).
     assert asked == [(ROOT_INODE, b"old")] + [(busy, b"f%d" % i) for i in range(26)]
-
-
-def test_a_file_is_dropped_as_deleted_and_a_directory_as_invalidated() -> None:
-    """A deleted name makes the kernel evict the unused inode at once (and send its
-    FORGET); a directory in use (a working directory) must stay usable."""
-    table = InodeTable()
-    directory = table.inode(b"d", _stat(4096, 1, stat.S_IFDIR | 0o755))
-    table.looked_up(directory)
-    file = table.inode(b"d/f", _stat(10, 1))
-    table.looked_up(file)
-    assert table.oldest_names(2) == [(ROOT_INODE, b"d", 0), (directory, b"f", file)]
-    assert table.asked == 2 and table.held == 3
-    table.looked_up(file)  # in use again: no longer on its way out
-    assert table.asked == 1
