@@ -268,9 +268,10 @@ class Filesystem(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             raise pyfuse3.FUSEError(errno.EROFS)
         relpath = self._path(inode)
-        version, pinned = await self._files.pin(relpath)
         known = self.inodes.attributes(inode)
-        if known is not None and version_of(relpath, known) != version:
+        expected = None if known is None else version_of(relpath, known)
+        version, pinned = await self._files.pin(relpath, expected)
+        if expected is not None and expected != version:
             # The source file is another version than this inode: ESTALE makes
             # the kernel look the name up again and retry the open. The version
             # found waits for that retry, so the new lookup gives its inode and

@@ -12,8 +12,10 @@ it read (or of the first block) starts fills of the next blocks.
 
 An open that finds the source file changed since the kernel looked it up (the
 inode is another version) keeps the version it found waiting for the kernel's
-retry (`take_waiting`), so the retried lookup and open agree on one version
-even while the source file keeps changing.
+retry, so the retried lookup and open agree on one version even while the
+source file keeps changing. A waiting version serves every open of an inode of
+that version until it expires (several openers of one path retry at once), and
+each path keeps the few versions found within WAITING_VERSION_S.
 """
 
 from __future__ import annotations
@@ -58,12 +60,6 @@ class HandleStatistics:
     )
 
 
-@dataclass
-class _Waiting:
-    version: FileVersion
-    expires_at: float
-
-
 class OpenFiles:
     def __init__(
         self,
@@ -79,7 +75,8 @@ class OpenFiles:
         self._prefetcher = prefetcher
         self._opens: SingleFlight[bytes, FileVersion] = SingleFlight(nursery)
         self._files: dict[int, OpenFile] = {}
-        self._waiting: dict[bytes, _Waiting] = {}
+        # Per path, the versions held for retried opens: version -> expiry (newest last).
+        self._waiting: dict[bytes, dict[FileVersion, float]] = {}
         self._next_handle = 1
         self.counters = HandleStatistics()
 
@@ -89,11 +86,14 @@ class OpenFiles:
     def __getitem__(self, fh: int) -> OpenFile:
         return self._files[fh]
 
-    async def pin(self, relpath: bytes) -> tuple[FileVersion, bool]:
-        """The version of `relpath` now, and whether the source file is held for it."""
-        waiting = self.take_waiting(relpath)
-        if waiting is not None:
-            return waiting, True
+    async def pin(
+        self, relpath: bytes, expected: FileVersion | None = None
+    ) -> tuple[FileVersion, bool]:
+        """The version of `relpath` now, and whether the source file is held for it;
+        `expected` (the opened inode's version) if it is held for a retried open."""
+        self._expire()
+        if expected is not None and expected in self._waiting.get(relpath, {}):
+            return expected, self._source.pin(expected)
         with trio.move_on_after(self._metadata.stale_grace_s):
             version = await self._open(relpath)
             return version, self._source.pin(version)
@@ -129,31 +129,28 @@ class OpenFiles:
 
     # -- an open that raced a change ------------------------------------------------------
     def keep_waiting(self, version: FileVersion) -> None:
-        """Hold pinned `version` of its path for the kernel's retry of the open."""
-        previous = self._waiting.pop(version.relpath, None)
-        if previous is not None:
-            self._source.release(previous.version)
+        """Hold pinned `version` of its path (the caller's pin) for retried opens."""
+        held = self._waiting.setdefault(version.relpath, {})
+        if held.pop(version, None) is not None:
+            self._source.release(version)  # held already: one pin is enough
+        held[version] = trio.current_time() + WAITING_VERSION_S
         self.counters.raced_opens += 1
-        self._waiting[version.relpath] = _Waiting(version, trio.current_time() + WAITING_VERSION_S)
 
     def waiting(self, relpath: bytes) -> FileVersion | None:
-        """The version an open of `relpath` found and holds for the retry, if any."""
+        """The newest version an open of `relpath` found and holds for a retry."""
         self._expire()
-        entry = self._waiting.get(relpath)
-        return None if entry is None else entry.version
-
-    def take_waiting(self, relpath: bytes) -> FileVersion | None:
-        """Take over the waiting version of `relpath` and its pin."""
-        self._expire()
-        entry = self._waiting.pop(relpath, None)
-        return None if entry is None else entry.version
+        held = self._waiting.get(relpath)
+        return next(reversed(held)) if held else None
 
     def _expire(self) -> None:
         now = trio.current_time()
-        for relpath, entry in list(self._waiting.items()):
-            if entry.expires_at <= now:
+        for relpath, held in list(self._waiting.items()):
+            for version, expires_at in list(held.items()):
+                if expires_at <= now:
+                    del held[version]
+                    self._source.release(version)
+            if not held:
                 del self._waiting[relpath]
-                self._source.release(entry.version)
 
     # -- reading ------------------------------------------------------------------------
     async def block(self, handle: OpenFile, index: int, wanted_bytes: int) -> Block:
