@@ -225,6 +225,19 @@ def test_old_handle_never_reads_the_new_versions_pages(setup) -> None:
         os.close(old_fd)
 
 
+def _replace_repeatedly(source: Path, stop: threading.Event, interval_s: float, most: int) -> int:
+    """Rename a new version (other bytes, another size) over `source` every
+    `interval_s` until `stop` is set or `most` versions are made; how many were."""
+    flips = 0
+    while not stop.is_set() and flips < most:
+        staging = source.with_name(".staging")
+        staging.write_bytes(bytes([flips % 251 + 1]) * (8192 + flips % 7))
+        staging.rename(source)
+        flips += 1
+        stop.wait(interval_s)
+    return flips
+
+
 @pytest.mark.slow
 def test_opens_of_a_file_replaced_every_few_milliseconds_never_fail(
     memcachefs_source: Path, memcachefs_mount
@@ -236,20 +249,9 @@ def test_opens_of_a_file_replaced_every_few_milliseconds_never_fail(
     fs = memcachefs_mount(memcachefs_source, capacity="16M", args=["--attr-timeout", "0"])
     path = fs.path / "flip.bin"
     stop = threading.Event()
-
-    def flip() -> int:
-        flips = 0
-        while not stop.is_set() and flips < 2000:
-            staging = source_file.with_name(".staging")
-            staging.write_bytes(bytes([flips % 251 + 1]) * (8192 + flips % 7))
-            staging.rename(source_file)
-            flips += 1
-            stop.wait(0.005)  # a new version every few milliseconds
-        return flips
-
     failures: list[int] = []
     opens = 0
-    with in_thread(flip) as flips:
+    with in_thread(lambda: _replace_repeatedly(source_file, stop, 0.005, 2000)) as flips:
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline:
             opens += 1
@@ -276,16 +278,6 @@ def test_concurrent_opens_of_a_file_replaced_every_few_milliseconds_never_fail(
     fs = memcachefs_mount(memcachefs_source, capacity="16M", args=["--attr-timeout", "0"])
     path = fs.path / "flip.bin"
     stop = threading.Event()
-
-    def flip() -> None:
-        flips = 0
-        while not stop.is_set():
-            staging = source_file.with_name(".staging")
-            staging.write_bytes(bytes([flips % 251 + 1]) * (8192 + flips % 7))
-            staging.rename(source_file)
-            flips += 1
-            stop.wait(0.002)
-
     failures: list[int] = []
     opens = [0, 0, 0, 0]
 
@@ -300,8 +292,8 @@ def test_concurrent_opens_of_a_file_replaced_every_few_milliseconds_never_fail(
             if len(set(data)) != 1:
                 failures.append(-2)  # a read mixed versions
 
-    threads = [threading.Thread(target=flip)]
-    threads += [threading.Thread(target=read, args=(i,)) for i in range(len(opens))]
+    flip = threading.Thread(target=_replace_repeatedly, args=(source_file, stop, 0.002, 100_000))
+    threads = [flip] + [threading.Thread(target=read, args=(i,)) for i in range(len(opens))]
     for thread in threads:
         thread.start()
     time.sleep(4.0)
