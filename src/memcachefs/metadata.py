@@ -32,7 +32,7 @@ import functools
 import math
 import os
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -126,6 +126,12 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     )
 
 
+def _kind(key: bytes, item: _Cached) -> str:
+    if not key.startswith(_LISTING_KEY):
+        return "attributes"
+    return "too large" if item.value is None else "listing"
+
+
 class _ByteLRU:
     """An LRU mapping bounded by the estimated bytes of its values; counts evictions."""
 
@@ -168,8 +174,9 @@ class _ByteLRU:
         if item is not None:
             self.used_bytes -= item.size
 
-    def count(self, predicate: Callable[[bytes, _Cached], bool]) -> int:
-        return sum(1 for key, item in self._items.items() if predicate(key, item))
+    def tally(self, kind: Callable[[bytes, _Cached], str]) -> Counter[str]:
+        """How many items there are of each `kind` (one pass)."""
+        return Counter(kind(key, item) for key, item in self._items.items())
 
 
 @dataclass(frozen=True)
@@ -522,13 +529,10 @@ class MetadataCache:
         self._cache.resize(relpath, cached, ATTRIBUTE_BYTES + len(relpath) + xattrs.size())
 
     def statistics(self) -> MetadataStatistics:
-        listings = self._cache.count(  # not those remembered as too large
-            lambda key, item: key.startswith(_LISTING_KEY) and item.value is not None
-        )
-        attributes = self._cache.count(lambda key, item: not key.startswith(_LISTING_KEY))
+        kinds = self._cache.tally(_kind)
         return MetadataStatistics(
-            cached_attributes=attributes,
-            cached_listings=listings,
+            cached_attributes=kinds["attributes"],
+            cached_listings=kinds["listing"],  # not those remembered as too large
             metadata_cache_bytes=self._cache.used_bytes,
             metadata_cache_budget_bytes=self._cache.budget_bytes,
             metadata_evictions=self._cache.evictions,
