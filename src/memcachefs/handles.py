@@ -73,6 +73,7 @@ class OpenFiles:
         self._metadata = metadata
         self._loader = loader
         self._prefetcher = prefetcher
+        self._nursery = nursery
         self._opens: SingleFlight[bytes, FileVersion] = SingleFlight(nursery)
         self._files: dict[int, OpenFile] = {}
         # Per path, the versions held for retried opens: version -> expiry (newest last).
@@ -135,6 +136,12 @@ class OpenFiles:
             self._source.release(version)  # held already: one pin is enough
         held[version] = trio.current_time() + WAITING_VERSION_S
         self.counters.raced_opens += 1
+        # Let it go on time even if the retry never comes: it holds a replaced file.
+        self._nursery.start_soon(self._expire_after, WAITING_VERSION_S)
+
+    async def _expire_after(self, delay_s: float) -> None:
+        await trio.sleep(delay_s)
+        self._expire()
 
     def waiting(self, relpath: bytes) -> FileVersion | None:
         """The newest version an open of `relpath` found and holds for a retry."""

@@ -45,7 +45,7 @@ Closer = Callable[[], None]
 
 MAX_NAME_BYTES = 255
 STREAM_CHUNK = 1024  # entries of a streamed directory read from the source at once
-_IDLE_DESCRIPTORS = 64
+IDLE_DESCRIPTORS = 64
 _CLOSE_THREADS = 2  # closes in flight at once (one may be stuck on a stalled source)
 
 
@@ -87,6 +87,9 @@ class SourceStatistics:
     read_errors: int = counter("source opens and block reads that failed")
     stale_reads: int = counter("block reads refused because the file changed in the source")
     open_descriptors: int = gauge("source files held open")
+    held_descriptors: int = gauge(
+        "source files held open for open handles and retried opens (the rest are idle)"
+    )
     metadata_calls: int = counter("metadata calls to the source (stat, listing, xattr, statfs)")
 
 
@@ -370,15 +373,21 @@ class Source:
     def _adopt(self, version: FileVersion, fd: int) -> _Descriptor:
         """Keep `fd` as the descriptor of `version` (sharing one already kept)."""
         descriptor = self._descriptors.get(version)
-        if descriptor is None:
-            descriptor = self._descriptors[version] = _Descriptor(fd)
-        else:
+        if descriptor is not None:
             self._close_later(fd)
+            return descriptor
+        # Idle descriptors of the path's other versions are of replaced files: they
+        # would keep the old files' space in use on the source.
+        for other in [v for v in self._descriptors if v.relpath == version.relpath]:
+            if self._descriptors[other].refs == 0:
+                self._close_later(self._descriptors.pop(other).fd)
+        descriptor = self._descriptors[version] = _Descriptor(fd)
+        self._close_idle()  # an opener that gave up never pins (or releases) it
         return descriptor
 
     def _close_idle(self) -> None:
         idle = [v for v, d in self._descriptors.items() if d.refs == 0]
-        for version in idle[: max(0, len(idle) - _IDLE_DESCRIPTORS)]:
+        for version in idle[: max(0, len(idle) - IDLE_DESCRIPTORS)]:
             self._close_later(self._descriptors.pop(version).fd)
 
     def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
@@ -416,7 +425,11 @@ class Source:
                 os.close(dir_fd)
 
     def statistics(self) -> SourceStatistics:
-        return replace(self.counters, open_descriptors=len(self._descriptors))
+        return replace(
+            self.counters,
+            open_descriptors=len(self._descriptors),
+            held_descriptors=sum(1 for d in self._descriptors.values() if d.refs),
+        )
 
 
 def _close_all(closers: list[Closer]) -> None:

@@ -19,6 +19,7 @@ import pytest
 import trio
 import xxhash
 
+from memcachefs import handles
 from memcachefs import source as source_module
 from memcachefs.blockstore import BlockStore
 from memcachefs.control import STATS_XATTR
@@ -538,6 +539,24 @@ async def test_each_version_is_its_own_inode_and_keeps_its_page_cache(served: Se
     changed = await served.fs.open(new_inode, os.O_RDONLY)
     assert bytes(await served.fs.read(changed.fh, 0, 100)) == b"version two, longer"
     assert (await served.fs.getattr(new_inode)).st_size == len(b"version two, longer")
+
+
+async def test_a_version_held_for_a_retried_open_is_let_go_when_it_expires(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(handles, "WAITING_VERSION_S", 0.05)
+    (tmp_path / "f").write_bytes(b"version one")
+    async with serving(tmp_path) as served:
+        inode = await served.inode("f")
+        (tmp_path / "f.new").write_bytes(b"version two, longer")
+        os.rename(tmp_path / "f.new", tmp_path / "f")
+        served.clock.now += TTL_S
+        await expect_errno(errno.ESTALE, served.fs.open(inode, os.O_RDONLY))
+        assert served.source.statistics().held_descriptors == 1  # for the kernel's retry
+        # The retry never comes (the opener gave up): no later open must be needed
+        # to let the replaced file go.
+        await trio.sleep(0.3)
+        assert served.source.statistics().held_descriptors == 0
 
 
 async def test_open_on_a_stalled_source_serves_cached_blocks_unpinned(

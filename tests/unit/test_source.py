@@ -12,7 +12,14 @@ import xxhash
 
 from memcachefs.errors import SourceError, StaleVersion
 from memcachefs.keys import BlockKey, FileVersion
-from memcachefs.source import MAX_NAME_BYTES, MAX_PATH_BYTES, PathRejected, Source, validate_relpath
+from memcachefs.source import (
+    IDLE_DESCRIPTORS,
+    MAX_NAME_BYTES,
+    MAX_PATH_BYTES,
+    PathRejected,
+    Source,
+    validate_relpath,
+)
 
 BS = 4096
 
@@ -75,6 +82,37 @@ async def test_open_pins_the_current_version(root: Path, source: Source, payload
     assert version == FileVersion(b"d/f", len(data), st.st_mtime_ns)
     assert source.statistics().open_descriptors == 1
     source.release(version)
+
+
+async def test_idle_descriptors_stay_within_the_idle_cache(root: Path, source: Source) -> None:
+    # Opens whose opener never pins them (it gave up on a stalled source) are idle
+    # from the start: they must not pile up past the cache until some release.
+    for n in range(IDLE_DESCRIPTORS + 8):
+        (root / f"f{n}").write_bytes(b"x")
+        await source.open(b"f%d" % n)
+    assert source.statistics().open_descriptors == IDLE_DESCRIPTORS
+    assert source.statistics().held_descriptors == 0
+
+
+async def test_a_new_version_lets_the_replaced_ones_idle_descriptor_go(
+    root: Path, source: Source
+) -> None:
+    (root / "f").write_bytes(b"version one")
+    old = await source.open(b"f")
+    (root / "f.new").write_bytes(b"version two, longer")
+    os.rename(root / "f.new", root / "f")
+    new = await source.open(b"f")
+    assert new != old
+    # An idle descriptor of a replaced file would keep its space in use on the source.
+    assert source.statistics().open_descriptors == 1
+    held = await source.open(b"f")
+    assert source.pin(held)
+    (root / "f.new").write_bytes(b"version three, longest")
+    os.rename(root / "f.new", root / "f")
+    await source.open(b"f")
+    assert source.statistics().open_descriptors == 2  # the pinned one stays
+    assert source.statistics().held_descriptors == 1
+    source.release(held)
 
 
 async def test_open_refuses_a_symlink_to_outside_the_root(
