@@ -42,6 +42,7 @@ GiB = 1024 * MiB
 
 ENV_PREFIX = "MEMCACHEFS_"
 MAX_SECRET_BYTES = 4096  # a cluster secret file larger than this is refused unread
+MAX_FUSE_BACKGROUND = 4096  # the kernel takes up to 65535; each is a request in flight
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SUFFIX_BYTES = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
@@ -452,6 +453,18 @@ class MountConfig(BaseModel):
             "SIZE",
         ),
     ] = MiB
+    fuse_max_background: Annotated[
+        int,
+        Field(ge=0, le=MAX_FUSE_BACKGROUND),
+        Option(
+            "fuse-max-background",
+            "buffered READs the kernel sends the daemon at once (its limit for background "
+            "requests, set in fusectl); at the kernel default (12) READs waiting on a "
+            "stalled source hold up reads of cached blocks. 0 keeps the kernel default. "
+            "Needs root",
+            "N",
+        ),
+    ] = 256
     allow_other: Annotated[
         bool,
         Option(

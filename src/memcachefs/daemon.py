@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 UNMOUNT_POLL_S = 1.0
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+KERNEL_MAX_BACKGROUND = 12  # FUSE's default limit for background requests
+SYNCHRONOUS_HANDLERS = 512  # FUSE handlers beyond the background limit (pyfuse3's default: 99)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -64,6 +66,14 @@ def fuse_options(config: MountConfig) -> set[str]:
     if config.allow_other:
         options.add("allow_other")
     return options
+
+
+def fuse_handlers(config: MountConfig) -> int:
+    """How many FUSE requests the daemon handles at once: every background request the
+    kernel may send, and room for the synchronous ones (lookups, opens, getattrs) of
+    the threads reading the mount. A request waiting on a stalled source holds one;
+    once all are held the kernel's requests wait unread, cached or not."""
+    return (config.fuse_max_background or KERNEL_MAX_BACKGROUND) + SYNCHRONOUS_HANDLERS
 
 
 def pin_malloc_mmap_threshold() -> None:
@@ -334,7 +344,7 @@ async def _serve(
                         )
                         nursery.start_soon(_end_after_unmount, config, fuse_loop)
                         nursery.start_soon(_ignore_other_signals)
-                        await pyfuse3.main()
+                        await pyfuse3.main(max_tasks=fuse_handlers(config))
                     if fuse_loop.cancelled_caught:
                         log.warning("requests still in flight were abandoned (they get an error)")
                 finally:
@@ -494,6 +504,11 @@ async def _announce_ready(
     if entry is not None and config.kernel_read_ahead_bytes:
         await trio.to_thread.run_sync(
             mounts.set_read_ahead, entry.device, config.kernel_read_ahead_bytes // 1024
+        )
+    if entry is not None and config.fuse_max_background:
+        # After INIT: its reply would set the kernel default again.
+        await trio.to_thread.run_sync(
+            mounts.set_fuse_background, entry.device, config.fuse_max_background
         )
     event("mounted", source=str(config.source), mountpoint=str(config.mountpoint))
     mounted.set()

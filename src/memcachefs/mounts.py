@@ -1,4 +1,5 @@
-"""The kernel's side of mounting: the mount table, stale mounts, unmounting, readahead.
+"""The kernel's side of mounting: the mount table, stale mounts, unmounting, readahead,
+the FUSE connection's request limits.
 
 Everything here is synchronous and may block (it runs fusermount3 or touches
 a possibly dead mountpoint): call it from a worker thread inside the daemon.
@@ -111,6 +112,44 @@ def set_read_ahead(device: str, read_ahead_kib: int) -> bool:
         )
         return False
     return True
+
+
+FUSECTL = Path("/sys/fs/fuse/connections")
+
+
+def set_fuse_background(device: str, max_background: int) -> bool:
+    """Let the kernel send up to `max_background` background requests (buffered READs)
+    to a FUSE mount at once, in fusectl; False if not allowed.
+
+    fusectl is mounted first where it is not (systemd mounts it at boot; a container
+    usually does not). The congestion threshold, where the kernel stops sending
+    asynchronous readahead, keeps the kernel's own ratio of 3/4.
+    """
+    connection = FUSECTL / device.rsplit(":", maxsplit=1)[-1]
+    try:
+        if not connection.is_dir():
+            _mount_fusectl()
+        (connection / "max_background").write_text(f"{max_background}\n")
+        (connection / "congestion_threshold").write_text(f"{max_background * 3 // 4}\n")
+    except OSError as error:
+        log.warning(
+            "could not raise the FUSE background request limit to %d (%s); READs waiting "
+            "on a stalled source can hold up reads of cached blocks",
+            max_background,
+            error.strerror or error,
+        )
+        return False
+    return True
+
+
+def _mount_fusectl() -> None:
+    command = ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise OSError(errno.EIO, f"mount -t fusectl: {error}") from None
+    if done.returncode != 0:
+        raise OSError(errno.EPERM, f"mount -t fusectl: {done.stderr.strip()}")
 
 
 def lock_mountpoint(mountpoint: str | os.PathLike[str]) -> int:

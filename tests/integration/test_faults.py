@@ -86,6 +86,45 @@ def test_stalled_source_does_not_block_cached_reads(fault_source, memcachefs_mou
     assert fs.unmount() == 0  # nothing is left waiting on the source
 
 
+def test_reads_waiting_on_a_stalled_source_do_not_hold_up_cached_reads(
+    fault_source, memcachefs_mount
+) -> None:
+    """A buffered READ the kernel reads ahead for is a FUSE background request, and by
+    default the kernel sends only 12 of those at once: readers of blocks the stalled
+    source must give held them all, and a read of a cached file waited in the kernel
+    until the source answered."""
+    cached = random.Random(6).randbytes(2 * MiB)
+    (fault_source.backing / "cached.dat").write_bytes(cached)
+    (fault_source.backing / "cold.dat").write_bytes(random.Random(7).randbytes(72 * MiB))
+    # Not model files (*.bin): a prefetch of the cold file would evict the cached one.
+    fs = memcachefs_mount(
+        fault_source.path,
+        capacity="64M",
+        args=["--block-size", "1M", "--no-page-cache-push"],  # every read is a READ
+    )
+    assert (fs.path / "cached.dat").read_bytes() == cached
+
+    def read_cached() -> bytes:
+        with open(fs.path / "cached.dat", "rb", buffering=0) as f:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            return os.pread(f.fileno(), len(cached), 0)
+
+    with open(fs.path / "cold.dat", "rb", buffering=0) as cold, fault_source.stalled():
+        stuck = [  # blocks apart: no readahead of the daemon's joins them
+            threading.Thread(target=os.pread, args=(cold.fileno(), 4096, (3 * n + 8) * MiB))
+            for n in range(20)
+        ]
+        for thread in stuck:
+            thread.start()
+        wait_until(lambda: fs.stats()["requests_in_flight"] >= 12, "the cold reads to stall")
+        with in_thread(read_cached) as cached_read:
+            assert cached_read(10.0) == cached
+    for thread in stuck:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in stuck)
+    assert fs.unmount() == 0
+
+
 def test_closing_source_files_on_a_stalled_source_does_not_block_cached_reads(
     fault_source, memcachefs_mount
 ) -> None:
