@@ -60,7 +60,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,7 +74,7 @@ from lib import MiB, table
 from memcachefs import mounts
 from memcachefs.config import format_size
 from memcachefs.peers.pool import MAX_IDLE_CONNECTIONS_PER_PEER
-from memcachefs.source import _IDLE_DESCRIPTORS
+from memcachefs.source import IDLE_DESCRIPTORS
 from memcachefs.testing import faultfs
 from memcachefs.testing.harness import MountedFS, mount
 
@@ -88,6 +88,7 @@ MAX_DETAILS = 5  # per reader: descriptions of wrong bytes sent to the parent
 SETTLE_S = 45.0  # at the end: how long descriptors, threads and FUSE requests may take
 KILL_WAIT_S = 30.0  # how long a SIGKILLed daemon may take to exit
 STALL_PROBE_MAX_S = 120.0  # a stall lasts until the cached reads are done, at most this
+SLOW_PROBE_S = 10.0  # a probe still running then has where it waits recorded
 FUSECTL = Path("/sys/fs/fuse/connections")
 # Errors a reader may see on the mount of an instance that was dead meanwhile.
 WHILE_DOWN = {"ENOTCONN", "ECONNABORTED", "ENOENT", "SIGBUS"}
@@ -410,14 +411,29 @@ def stuck_threads(pid: int) -> list[str]:
     out = []
     with contextlib.suppress(OSError):
         for task in sorted(os.listdir(f"/proc/{pid}/task")):
-            with contextlib.suppress(OSError):
-                state = (
-                    Path(f"/proc/{pid}/task/{task}/stat").read_text().rsplit(")", 1)[1].split()[0]
-                )
-                stack = Path(f"/proc/{pid}/task/{task}/stack").read_text().split()
-                frames = [f.split("+")[0] for f in stack if "+" in f][:8]
-                out.append(f"{state} {' < '.join(frames)}")
-    return out
+            out.append(thread_stack(pid, int(task)))
+    return [line for line in out if line]
+
+
+def thread_stack(pid: int, tid: int | None) -> str:
+    """One thread's state and the kernel functions it waits in ("" if it is gone)."""
+    with contextlib.suppress(OSError):
+        task = Path(f"/proc/{pid}/task/{tid}")
+        state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        frames = [f.split("+")[0] for f in (task / "stack").read_text().split() if "+" in f]
+        return f"{state} {' < '.join(frames[:8])}"
+    return ""
+
+
+@contextlib.contextmanager
+def _timed(steps: list[str], timed: dict[str, float], step: str) -> Iterator[None]:
+    """Time one step of a probe into `timed`, naming it in `steps` while it runs."""
+    steps.append(step)
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        timed[step.split(": ", 1)[1]] = round(time.monotonic() - started, 2)
 
 
 def ensure_fusectl() -> str:
@@ -678,15 +694,20 @@ class Soak:
         instance.down.append((killed, time.time()))
         self.faults["instance_restart"] += 1
 
-    def read_pinned(self) -> dict[str, Any]:
-        """The pinned file read and verified on every mount, its page cache dropped first."""
+    def read_pinned(self, steps: list[str]) -> dict[str, Any]:
+        """The pinned file read and verified on every mount, its page cache dropped first;
+        `steps` names the step under way (for a probe that hangs)."""
         hot, started = self.specs[0], time.monotonic()
-        probe: dict[str, Any] = {"mounts": 0, "verified_bytes": 0, "problems": []}
+        probe: dict[str, Any] = {"mounts": 0, "verified_bytes": 0, "problems": [], "steps_s": []}
         for instance in self.instances:
             path, out = instance.mountpoint / hot.name, Reporter(None, -1)
+            timed: dict[str, float] = {}
             try:
-                lib.drop_page_cache(path, global_drop=False)
-                with open(path, "rb", buffering=0) as f:
+                with _timed(steps, timed, f"mount {instance.index}: drop its page cache"):
+                    lib.drop_page_cache(path, global_drop=False)
+                with _timed(steps, timed, f"mount {instance.index}: open"):
+                    f = open(path, "rb", buffering=0)  # noqa: SIM115
+                with f, _timed(steps, timed, f"mount {instance.index}: read"):
                     v, offset = Verifier(hot, os.fstat(f.fileno()).st_size, out), 0
                     while chunk := f.read(MiB):
                         v.check(chunk, offset)
@@ -697,24 +718,36 @@ class Soak:
             probe["mounts"] += 1
             probe["verified_bytes"] += out.counts["verified_bytes"]
             probe["problems"] += [f"mount {instance.index}: {m}" for m in out.kept]
+            probe["steps_s"].append(timed)
         return probe | {"probe_s": round(time.monotonic() - started, 1)}
 
     def source_stall(self) -> None:
         """Stall the source; the pinned file must be read on every mount before it resumes."""
         lib.eprint("soak: source stalled")
         result: list[dict[str, Any]] = []
+        steps: list[str] = []
         started = time.time()
+        slow: dict[str, Any] = {}
         with self.faultfs.stalled():
             self.faults["source_stall"] += 1
             time.sleep(1.0)  # the daemons' source reads are waiting by now
-            thread = threading.Thread(target=lambda: result.append(self.read_pinned()))
+            thread = threading.Thread(target=lambda: result.append(self.read_pinned(steps)))
             thread.start()
-            thread.join(max(STALL_PROBE_MAX_S, self.args.stall_s))
+            thread.join(SLOW_PROBE_S)
+            if thread.is_alive():  # where it waits, for the report
+                slow = {
+                    "step": steps[-1] if steps else None,
+                    "kernel_stack": thread_stack(os.getpid(), thread.native_id),
+                    "fuse_waiting": [fuse_waiting(i.mountpoint) for i in self.instances],
+                }
+            thread.join(max(STALL_PROBE_MAX_S, self.args.stall_s) - SLOW_PROBE_S)
             finished = bool(result)
             time.sleep(max(0.0, started + self.args.stall_s - time.time()))
         self.stalls.append((started, time.time()))
         thread.join()
         probe = result[0] | {"finished_while_stalled": finished}
+        if slow:
+            probe["slow"] = slow
         self.probes.append(probe | {"stalled_s": round(self.stalls[-1][1] - started, 1)})
 
     def flood(self) -> None:
@@ -771,13 +804,16 @@ class Soak:
                 threads=threads(pid),
                 fuse_waiting=fuse_waiting(instance.mountpoint),
                 peer_connections=stats.get("peer_connections", 0),
+                held_descriptors=stats.get("held_descriptors"),
             )
             fds = end["descriptors"]
             end["checks"] = {
                 # the two pipes of the page cache residency child, started at the first push
                 "other_descriptors_back": fds["other"] <= start["descriptors"]["other"] + 2,
-                # the idle cache, and the pinned file's (held while it is pinned)
-                "source_descriptors_bounded": fds["source"] <= _IDLE_DESCRIPTORS + 1,
+                # the idle cache, and the source's root
+                "source_descriptors_bounded": fds["source"] <= IDLE_DESCRIPTORS + 1,
+                # no handle is open: no source file may still be held for one
+                "source_files_let_go": end["held_descriptors"] == 0,
                 "sockets_bounded": fds["socket"] <= allowed_sockets + end["peer_connections"],
                 "threads_back": end["threads"] <= start["threads"],
                 "fuse_waiting_0": end["fuse_waiting"] == 0
@@ -1063,7 +1099,13 @@ def markdown(r: dict[str, Any]) -> str:
             f"{sum(p['finished_while_stalled'] for p in stalls)} of {len(stalls)} stalls: the "
             f"pinned file read on every mount (page cache dropped) while the source was stalled "
             f"({sum(p['verified_bytes'] for p in stalls) / MiB:.0f} MiB verified; "
-            f"{max((p['probe_s'] for p in stalls), default=0):.1f} s at most for the 3 mounts)",
+            f"{max((p['probe_s'] for p in stalls), default=0):.1f} s at most for the 3 mounts)"
+            + "".join(
+                f"; one still waited after {SLOW_PROBE_S:.0f} s in {p['slow']['step']} "
+                f"({p['slow']['kernel_stack']})"
+                for p in stalls
+                if "slow" in p
+            ),
         ],
         [
             "connection floods",
