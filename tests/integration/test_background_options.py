@@ -42,6 +42,7 @@ def non_default_values(tmp_path: Path) -> dict[str, list[str]]:
         "dns-refresh": ["--dns-refresh", "7"],
         "attr-timeout": ["--attr-timeout", "0.5"],
         "kernel-read-ahead": ["--kernel-read-ahead", "2M"],
+        "fuse-max-background": ["--fuse-max-background", "64"],
         "allow-other": ["--allow-other"],
         "shutdown-grace": ["--shutdown-grace", "1.5"],
         "log-file": ["--log-file", str(tmp_path / "daemon.log")],
