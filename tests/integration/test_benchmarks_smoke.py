@@ -211,20 +211,12 @@ def test_peerlink_smoke(tmp_path: Path) -> None:
     assert not Path("/run/netns/mcfs-peer").exists()  # torn down
 
 
-KNOWN = {  # contract checks the soak fails now and then, on bugs not fixed yet
-    "cached reads during every stall": "benchmarks/README.md Soak finding 3: a cached "
-    "file's open can wait for the stalled source",
-}
-
-
 @pytest.mark.usefixtures("fuse_required")
 def test_soak_smoke(tmp_path: Path) -> None:
     """One cycle of every fault on a 3-instance cluster with 32M each: the run exits 0
     only if every contract check held; here, that each fault was injected and judged."""
     data, md, _ = _run("soak", tmp_path, timeout_s=400, codes=(0, 1))
     failed = {name for name, ok in data["checks"].items() if not ok}
-    if failed and failed <= KNOWN.keys():  # known, not fixed: the run found them again
-        pytest.xfail("; ".join(KNOWN[name] for name in failed))
     assert not failed, failed
     counts = data["counts"]
     assert counts["verified_bytes"] > 0 and counts["opens"] > 0
