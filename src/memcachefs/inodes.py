@@ -201,6 +201,7 @@ class InodeLimit:
         self._limit = (1 << 62) if limit is None else limit
         self._invalidate_entry = invalidate_entry
         self._over = trio.Event()
+        self._dropping = False  # a pass of run() is under way
         self._stopping = threading.Event()
         self._calling = threading.Lock()  # held while the kernel is being asked
         self.counters = InodeLimitStatistics(inode_limit=self._limit if limit else 0)
@@ -221,6 +222,7 @@ class InodeLimit:
         while True:
             await self._over.wait()
             self._over = trio.Event()
+            self._dropping = True
             while not self._stopping.is_set():
                 # Those asked for and not forgotten yet are on their way out.
                 wanted = self._table.held - self._table.asked - low_water
@@ -231,7 +233,12 @@ class InodeLimit:
                 # request being answered on this thread may hold.
                 await trio.to_thread.run_sync(self._drop, names, abandon_on_cancel=True)
                 self.counters.inodes_dropped += len(names)
+            self._dropping = False
             await trio.sleep(0.02)  # let the kernel's FORGETs arrive before looking again
+
+    def settled(self) -> bool:
+        """Whether every drop check() asked for is done (none is pending or under way)."""
+        return not self._over.is_set() and not self._dropping
 
     def _drop(self, names: list[Name]) -> None:
         with self._calling:

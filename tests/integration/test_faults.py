@@ -383,7 +383,11 @@ def test_kill_9_while_the_daemon_waits_on_its_own_mount_ends_with_enotconn(
         opener.start()
     try:
         with fault_source.stalled():
-            time.sleep(1.5)  # opens and the pushes' own opens wait on the source
+            # Opens wait on the source, and so does a push's own open of the file.
+            wait_until(
+                lambda: fs.stats()["page_cache_pushes_in_flight"] >= 1,
+                "a page cache push to ask what the kernel holds",
+            )
             fs.process.kill()
         # Its threads reading the source return once the stall ends (they cannot be
         # interrupted before, Semantics 10); one waiting on the dead daemon never would.

@@ -56,7 +56,19 @@ def http_mount(memcachefs_source: Path, memcachefs_mount):  # type: ignore[no-un
 def test_metrics_equal_stats_after_a_known_read(http_mount) -> None:  # type: ignore[no-untyped-def]
     fs, port, payload = http_mount
     assert (fs.path / "model.bin").read_bytes() == payload
-    time.sleep(0.5)  # readahead fills settle
+    wait_until(  # nothing in the background moves the counters between the two reads
+        lambda: (
+            not any(
+                fs.stats()[gauge]
+                for gauge in (
+                    "fills_in_flight",
+                    "prefetches_in_flight",
+                    "page_cache_pushes_in_flight",
+                )
+            )
+        ),
+        "fills, prefetches and pushes to finish",
+    )
     stats = json.loads(run_cli("stats", fs.path, "--json").stdout)
     status, body = _get(port, "/metrics")
     assert status == 200

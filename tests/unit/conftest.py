@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -75,7 +75,21 @@ class FakePeers:
         return xxhash.xxh3_64_intdigest(chunk)
 
 
+async def _wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Wait until `condition()` holds (other tasks or worker threads make it so)."""
+    with trio.move_on_after(timeout_s):
+        while not condition():  # noqa: ASYNC110 (no event to wait on: polled)
+            await trio.sleep(0.001)
+        return
+    pytest.fail(f"{what}: not within {timeout_s:.0f} s")
+
+
 # Test modules here are not a package, so helpers reach them as fixtures.
+@pytest.fixture
+def wait_for() -> Callable[..., Awaitable[None]]:
+    return _wait_for
+
+
 @pytest.fixture
 def make_payload() -> Callable[..., bytes]:
     return payload

@@ -235,7 +235,7 @@ def _open_descriptors() -> int:
 
 
 async def test_a_directory_too_large_to_cache_is_read_from_the_source_in_chunks(
-    tmp_path: Path,
+    tmp_path: Path, wait_for
 ) -> None:
     """Its listing is not held (in the cache or by the handle): a chunk at a time."""
     from memcachefs.metadata import LISTED_ENTRY_BYTES
@@ -259,11 +259,9 @@ async def test_a_directory_too_large_to_cache_is_read_from_the_source_in_chunks(
         await served.fs.readdir(fh, len(names) - 1, None)  # the last entry, with attributes
         assert [(n, e.st_size) for n, e, _ in served.listed] == [(listed[-1], 2)]
         await served.fs.releasedir(fh)
-        for _ in range(500):  # the source directory is closed in a worker thread
-            if _open_descriptors() <= descriptors:
-                break
-            await trio.sleep(0.01)
-        assert _open_descriptors() <= descriptors
+        await wait_for(  # the source directory is closed in a worker thread
+            lambda: _open_descriptors() <= descriptors, "the source directory to be closed"
+        )
 
 
 async def test_readlink_returns_the_target_verbatim(served: Served) -> None:
@@ -542,7 +540,7 @@ async def test_each_version_is_its_own_inode_and_keeps_its_page_cache(served: Se
 
 
 async def test_a_version_held_for_a_retried_open_is_let_go_when_it_expires(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wait_for
 ) -> None:
     monkeypatch.setattr(handles, "WAITING_VERSION_S", 0.05)
     (tmp_path / "f").write_bytes(b"version one")
@@ -555,8 +553,9 @@ async def test_a_version_held_for_a_retried_open_is_let_go_when_it_expires(
         assert served.source.statistics().held_descriptors == 1  # for the kernel's retry
         # The retry never comes (the opener gave up): no later open must be needed
         # to let the replaced file go.
-        await trio.sleep(0.3)
-        assert served.source.statistics().held_descriptors == 0
+        await wait_for(
+            lambda: served.source.statistics().held_descriptors == 0, "the held version to expire"
+        )
 
 
 async def test_open_on_a_stalled_source_serves_cached_blocks_unpinned(

@@ -72,14 +72,15 @@ def test_a_directory_keeps_its_inode_when_its_mtime_changes() -> None:
     assert table.inode(b"d", _stat(10, 3)) != inode  # now a regular file
 
 
-async def _settle(limit: InodeLimit) -> None:
-    """Let run() act on what check() found (its worker calls and its pause)."""
+async def _settle(limit: InodeLimit, wait_for) -> None:
+    """Let run() act on what check() found, to the end of its pass."""
     limit.check()
-    await trio.sleep(0.3)
+    await wait_for(limit.settled, "the limit's pass")
 
 
 async def test_past_the_limit_the_least_recently_looked_up_names_are_dropped(
     nursery: trio.Nursery,
+    wait_for,
 ) -> None:
     table = InodeTable()
     directory = table.inode(b"d")
@@ -91,27 +92,27 @@ async def test_past_the_limit_the_least_recently_looked_up_names_are_dropped(
     asked: list[tuple[int, bytes]] = []
     limit = InodeLimit(table, 150, lambda parent, name: asked.append((parent, name)))
     nursery.start_soon(limit.run)
-    await _settle(limit)
+    await _settle(limit, wait_for)
     # Down to 90% of the limit (135 of 202 held), the oldest first, the root and
     # the directory (looked up first, but the parent of them all) included in order.
     assert asked[0] == (ROOT_INODE, b"d")
     assert asked[1:] == [(directory, b"f%d" % i) for i in range(1, 67)]
     assert limit.statistics().inodes_dropped == 67
-    await _settle(limit)
+    await _settle(limit, wait_for)
     assert len(asked) == 67  # asked once: the kernel has not forgotten them yet
     for inode in files[1:41]:  # the kernel forgets what it can, not the files in use
         table.forget(inode, 1)
-    await _settle(limit)
+    await _settle(limit, wait_for)
     assert len(asked) == 67  # 162 held, 27 of them on their way out (forgotten at release)
     for inode in files[41:67]:
         table.forget(inode, 1)
     for i in range(200, 250):
         table.looked_up(table.inode(b"d/f%d" % i))
-    await _settle(limit)  # 186 held, the directory on its way out: the 50 oldest go
+    await _settle(limit, wait_for)  # 186 held, the directory on its way out: the 50 oldest go
     assert asked[67:] == [(directory, b"f%d" % i) for i in range(67, 117)]
 
 
-async def test_a_stopped_limit_asks_the_kernel_nothing(nursery: trio.Nursery) -> None:
+async def test_a_stopped_limit_asks_the_kernel_nothing(nursery: trio.Nursery, wait_for) -> None:
     table = InodeTable()
     for i in range(300):
         table.looked_up(table.inode(b"f%d" % i))
@@ -119,7 +120,7 @@ async def test_a_stopped_limit_asks_the_kernel_nothing(nursery: trio.Nursery) ->
     limit = InodeLimit(table, 100, lambda parent, name: asked.append((parent, name)))
     nursery.start_soon(limit.run)
     await limit.stop()
-    await _settle(limit)
+    await _settle(limit, wait_for)
     assert asked == []
 
 
@@ -134,6 +135,7 @@ def test_no_limit_means_nothing_is_dropped() -> None:
 
 async def test_a_directory_whose_entries_are_looked_up_is_not_dropped(
     nursery: trio.Nursery,
+    wait_for,
 ) -> None:
     table = InodeTable()
     old, busy = table.inode(b"old"), table.inode(b"busy")
@@ -145,6 +147,6 @@ async def test_a_directory_whose_entries_are_looked_up_is_not_dropped(
     asked: list[tuple[int, bytes]] = []
     limit = InodeLimit(table, 140, lambda parent, name: asked.append((parent, name)))
     nursery.start_soon(limit.run)
-    await _settle(limit)
+    await _settle(limit, wait_for)
     # 153 held, down to 126: "old" first, never "busy" (the parent of all the rest).
     assert asked == [(ROOT_INODE, b"old")] + [(busy, b"f%d" % i) for i in range(26)]

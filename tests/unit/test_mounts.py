@@ -33,7 +33,7 @@ def test_fusectl_is_mounted_when_the_connection_is_not_there(
         mounted.append(True)
         (tmp_path / "41").mkdir()
 
-    monkeypatch.setattr(mounts, "_mount_fusectl", mount_fusectl)
+    monkeypatch.setattr(mounts, "mount_fusectl", mount_fusectl)
     assert mounts.set_fuse_background("0:41", 64)
     assert mounted == [True]
     assert (tmp_path / "41" / "max_background").read_text() == "64\n"
@@ -47,7 +47,7 @@ def test_a_limit_that_cannot_be_set_is_one_warning(
     def refused() -> None:
         raise OSError(errno.EPERM, "mount -t fusectl: permission denied")
 
-    monkeypatch.setattr(mounts, "_mount_fusectl", refused)
+    monkeypatch.setattr(mounts, "mount_fusectl", refused)
     with caplog.at_level(logging.WARNING, logger="memcachefs.mounts"):
         assert not mounts.set_fuse_background("0:41", 256)
     (record,) = caplog.records

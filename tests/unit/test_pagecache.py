@@ -47,17 +47,11 @@ def fill(store: BlockStore, version: FileVersion, data: bytes, indices: range) -
         store.put(BlockKey(version, index), buffer, len(chunk), 0)
 
 
-async def wait_for(condition, what: str) -> None:
-    with trio.fail_after(10):
-        while not condition():  # noqa: ASYNC110 (set from a worker thread's result)
-            await trio.sleep(0.001)
-
-
 def idle(pusher: PageCachePusher) -> bool:
     return pusher.statistics().page_cache_pushes_in_flight == 0
 
 
-async def test_pushes_every_cached_block_in_order_and_never_past_the_end() -> None:
+async def test_pushes_every_cached_block_in_order_and_never_past_the_end(wait_for) -> None:
     data = bytes(range(256)) * (3 * BS // 256) + b"tail"
     version = FileVersion(b"model.bin", len(data), 1)
     store = BlockStore(8 * BS, BS)
@@ -73,7 +67,7 @@ async def test_pushes_every_cached_block_in_order_and_never_past_the_end() -> No
     assert pusher.statistics().page_cache_pushed_bytes == len(data)
 
 
-async def test_skips_blocks_not_in_memory_and_files_with_none() -> None:
+async def test_skips_blocks_not_in_memory_and_files_with_none(wait_for) -> None:
     data = bytes(4 * BS)
     version = FileVersion(b"a", len(data), 1)
     store = BlockStore(8 * BS, BS)
@@ -89,7 +83,7 @@ async def test_skips_blocks_not_in_memory_and_files_with_none() -> None:
     assert pusher.statistics().page_cache_pushes == 1
 
 
-async def test_stays_ahead_of_the_reader() -> None:
+async def test_stays_ahead_of_the_reader(wait_for) -> None:
     data = bytes(6 * BS)
     version = FileVersion(b"a", len(data), 1)
     store = BlockStore(8 * BS, BS)
@@ -136,7 +130,7 @@ async def test_stop_waits_for_the_thread_and_no_store_follows() -> None:
     assert idle(pusher)
 
 
-async def test_a_push_for_an_inode_runs_once_at_a_time() -> None:
+async def test_a_push_for_an_inode_runs_once_at_a_time(wait_for) -> None:
     data = bytes(2 * BS)
     old, new = FileVersion(b"a", len(data), 1), FileVersion(b"a", len(data), 2)
     store = BlockStore(8 * BS, BS)
@@ -155,7 +149,7 @@ async def test_a_push_for_an_inode_runs_once_at_a_time() -> None:
     assert pusher.statistics().page_cache_pushes == 2
 
 
-async def test_a_forgotten_inode_ends_the_push_quietly() -> None:
+async def test_a_forgotten_inode_ends_the_push_quietly(wait_for) -> None:
     data = bytes(3 * BS)
     version = FileVersion(b"a", len(data), 1)
     store = BlockStore(8 * BS, BS)

@@ -110,13 +110,7 @@ async def open_file(service: Service, name: str) -> int:
     return (await service.fs.open(inode, os.O_RDONLY)).fh
 
 
-async def wait_for(predicate, what: str) -> None:
-    with trio.fail_after(10):
-        while not predicate():  # noqa: ASYNC110 (set by fills in other tasks)
-            await trio.sleep(0.001)
-
-
-async def test_an_opened_model_file_is_filled_whole(tmp_path: Path) -> None:
+async def test_an_opened_model_file_is_filled_whole(tmp_path: Path, wait_for) -> None:
     data = safetensors_bytes(tmp_path, {"w": 20 * BS})
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "m.safetensors").write_bytes(data)
@@ -155,7 +149,7 @@ async def test_a_file_larger_than_the_cache_streams_without_evicting_itself(
         await service.fs.release(fh)
 
 
-async def test_closing_the_last_handle_stops_the_prefetch(tmp_path: Path) -> None:
+async def test_closing_the_last_handle_stops_the_prefetch(tmp_path: Path, wait_for) -> None:
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "big.bin").write_bytes(bytes(64 * BS))
     async with serving(tmp_path / "root", capacity_blocks=16) as service:
@@ -165,7 +159,7 @@ async def test_closing_the_last_handle_stops_the_prefetch(tmp_path: Path) -> Non
         assert service.loader.statistics().source_bytes < 64 * BS
 
 
-async def test_an_index_prefetches_its_shards_only_when_they_fit(tmp_path: Path) -> None:
+async def test_an_index_prefetches_its_shards_only_when_they_fit(tmp_path: Path, wait_for) -> None:
     root = tmp_path / "root"
     root.mkdir()
     for name in ("m-1.safetensors", "m-2.safetensors"):
