@@ -89,7 +89,7 @@ SETTLE_S = 45.0  # at the end: how long descriptors, threads and FUSE requests m
 KILL_WAIT_S = 30.0  # how long a SIGKILLed daemon may take to exit
 STALL_PROBE_MAX_S = 120.0  # a stall lasts until the cached reads are done, at most this
 SLOW_PROBE_S = 10.0  # a probe still running then has where it waits recorded
-FUSECTL = Path("/sys/fs/fuse/connections")
+FUSECTL = mounts.FUSECTL
 # Errors a reader may see on the mount of an instance that was dead meanwhile.
 WHILE_DOWN = {"ENOTCONN", "ECONNABORTED", "ENOENT", "SIGBUS"}
 # Daemon log lines that a fault explains (a regex: the fault).
@@ -440,10 +440,11 @@ def ensure_fusectl() -> str:
     """fusectl at /sys/fs/fuse/connections (the waiting counters); how it was found."""
     if any(e.fstype == "fusectl" for e in mounts.mount_entries()):
         return "mounted"
-    done = subprocess.run(
-        ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)], capture_output=True, check=False
-    )
-    return "mounted by the soak" if done.returncode == 0 else "not available"
+    try:
+        mounts.mount_fusectl()
+    except OSError:
+        return "not available"
+    return "mounted by the soak"
 
 
 def descriptors(pid: int, source: Path) -> dict[str, int]:

@@ -43,6 +43,7 @@ GiB = 1024 * MiB
 ENV_PREFIX = "MEMCACHEFS_"
 MAX_SECRET_BYTES = 4096  # a cluster secret file larger than this is refused unread
 MAX_FUSE_BACKGROUND = 4096  # the kernel takes up to 65535; each is a request in flight
+KERNEL_MAX_BACKGROUND = 12  # FUSE's own limit for background requests
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _SUFFIX_BYTES = {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024 * GiB}
@@ -459,7 +460,8 @@ class MountConfig(BaseModel):
         Option(
             "fuse-max-background",
             "buffered READs the kernel sends the daemon at once (its limit for background "
-            "requests, set in fusectl); at the kernel default (12) READs waiting on a "
+            f"requests, set in fusectl); at the kernel default ({KERNEL_MAX_BACKGROUND}) READs "
+            "waiting on a "
             "stalled source hold up reads of cached blocks. 0 keeps the kernel default. "
             "Needs root",
             "N",

@@ -24,7 +24,7 @@ import trio
 
 from memcachefs import control, mounts
 from memcachefs.blockstore import BlockStore
-from memcachefs.config import ClusterConfig, MountConfig, format_size
+from memcachefs.config import KERNEL_MAX_BACKGROUND, ClusterConfig, MountConfig, format_size
 from memcachefs.control import CONFIG_XATTR, CONTROL_XATTR, STATS_XATTR
 from memcachefs.controlserver import ControlServer, open_control_socket
 from memcachefs.errors import MemcachefsError, MountError
@@ -56,7 +56,6 @@ log = logging.getLogger(__name__)
 _M_MMAP_THRESHOLD = -3  # from <malloc.h>
 UNMOUNT_POLL_S = 1.0
 IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
-KERNEL_MAX_BACKGROUND = 12  # FUSE's default limit for background requests
 SYNCHRONOUS_HANDLERS = 512  # FUSE handlers beyond the background limit (pyfuse3's default: 99)
 
 

@@ -128,7 +128,7 @@ def set_fuse_background(device: str, max_background: int) -> bool:
     connection = FUSECTL / device.rsplit(":", maxsplit=1)[-1]
     try:
         if not connection.is_dir():
-            _mount_fusectl()
+            mount_fusectl()
         (connection / "max_background").write_text(f"{max_background}\n")
         (connection / "congestion_threshold").write_text(f"{max_background * 3 // 4}\n")
     except OSError as error:
@@ -142,7 +142,8 @@ def set_fuse_background(device: str, max_background: int) -> bool:
     return True
 
 
-def _mount_fusectl() -> None:
+def mount_fusectl() -> None:
+    """Mount fusectl at FUSECTL; OSError if it cannot be."""
     command = ["mount", "-t", "fusectl", "fusectl", str(FUSECTL)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=10)
