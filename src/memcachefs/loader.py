@@ -147,16 +147,20 @@ class Loader:
             if self._readahead_in_flight >= self._read_ahead_blocks:
                 return
             key = BlockKey(version, index)
-            if key in self.store or self._flight.in_flight(key):
+            if self.holds(key):
                 continue
             self._readahead_in_flight += 1
             self.counters.readahead_fills += 1
             self._flight.start(key, functools.partial(self._readahead_fill, key))
 
+    def holds(self, key: BlockKey) -> bool:
+        """Whether `key` is in memory or being filled."""
+        return key in self.store or self._flight.in_flight(key)
+
     async def prefetch(self, key: BlockKey) -> bool:
         """Fill `key` ahead of its readers unless it is in memory or being filled;
         True once this call filled it. ReadError or OSError if the fill failed."""
-        if key in self.store or self._flight.in_flight(key):
+        if self.holds(key):
             return False
         await self._flight.do(key, functools.partial(self._fill_ahead, key))
         return True

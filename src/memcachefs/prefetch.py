@@ -8,10 +8,12 @@ pattern is opened, its blocks are filled in the order readers need them: for a
 is parsed, bounded and validated; a bad header just means file order).
 
 Bounds: at most `window_blocks` fills of one file run at once (the window
-advances as blocks land), and the prefetch stays at most `ahead_blocks` (a
-share of the capacity) beyond the furthest block a reader took, so a file
-larger than the cache never evicts itself; the share halves whenever prefetched
-blocks are evicted before anyone read them. The prefetch of a file stops when
+advances as blocks land), and the blocks prefetched that no reader has taken
+yet stay within a share of the capacity, for each file and for all together:
+the prefetch waits for readers to take some before it fills more. So a file
+larger than the cache never evicts itself, and readers jumping around such a
+file do not let it fill the whole file ahead of them. A file's share halves
+whenever prefetched blocks are evicted before anyone read them. The prefetch of a file stops when
 its last handle is closed. Opening a ``*.safetensors.index.json`` prefetches
 the shards it names, when they fit in that share together.
 """
@@ -23,7 +25,7 @@ import json
 import logging
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import trio
 
@@ -36,7 +38,7 @@ from memcachefs.metrics import counter, gauge
 log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".safetensors.index.json"
-PREFETCH_SHARE = 0.5  # of the capacity, at most, ahead of the readers of one file
+PREFETCH_SHARE = 0.5  # of the capacity, at most, in prefetched blocks no reader took yet
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 MAX_INDEX_BYTES = 16 * 1024 * 1024
 
@@ -108,14 +110,15 @@ class PrefetchStatistics:
     prefetch_fills: int = counter("blocks filled by prefetch")
     prefetch_errors: int = counter("prefetch fills that failed (the reader then asks again)")
     prefetches_in_flight: int = gauge("files being prefetched now")
+    prefetched_unread_blocks: int = gauge("blocks prefetched that no reader has taken yet")
 
 
 @dataclass
 class _Run:
     version: FileVersion
     scope: trio.CancelScope
-    reader_position: int = -1
-    advanced: trio.Event | None = None
+    unread: set[int] = field(default_factory=set)  # blocks filled (or filling) for no reader yet
+    filling: set[int] = field(default_factory=set)  # fills started by this run, not yet done
 
 
 class Prefetcher:
@@ -137,6 +140,7 @@ class Prefetcher:
         self._window_blocks = max(1, window_bytes // block_size)
         self._ahead_limit = max(1, int(capacity_blocks * PREFETCH_SHARE))
         self._runs: dict[FileVersion, _Run] = {}
+        self._taken = trio.Event()  # set when a reader takes a block of a prefetched file
         self.counters = PrefetchStatistics()
 
     def wants(self, relpath: bytes) -> bool:
@@ -162,10 +166,9 @@ class Prefetcher:
     def read(self, version: FileVersion, index: int) -> None:
         """A reader took block `index`: the prefetch may advance."""
         run = self._runs.get(version)
-        if run is not None and index > run.reader_position:
-            run.reader_position = index
-            if run.advanced is not None:
-                run.advanced.set()
+        if run is not None:
+            run.unread.discard(index)
+            self._taken.set()
 
     async def _run(self, run: _Run) -> None:
         try:
@@ -176,6 +179,7 @@ class Prefetcher:
                     await self._fill_all(run)
         finally:
             del self._runs[run.version]
+            self._taken.set()  # its unread blocks no longer count against the others
 
     async def _fill_all(self, run: _Run) -> None:
         version = run.version
@@ -185,18 +189,40 @@ class Prefetcher:
         evicted_at_start = self._loader.store.counters.readahead_evicted_unread
         ahead_limit = self._ahead_limit
         async with trio.open_nursery() as fills:
-            for position, index in enumerate(order):
+            for index in order:
+                key = BlockKey(version, index)
+                if self._loader.holds(key):
+                    continue
                 evicted = self._loader.store.counters.readahead_evicted_unread
                 if evicted > evicted_at_start:  # our blocks (or readahead's) are evicted unread
                     evicted_at_start = evicted
                     ahead_limit = max(1, ahead_limit // 2)
-                while position > run.reader_position + ahead_limit:
-                    run.advanced = trio.Event()
-                    await run.advanced.wait()
+                while len(run.unread) >= ahead_limit or self._unread_blocks() >= self._ahead_limit:
+                    self._forget_evicted()
+                    if len(run.unread) < ahead_limit and self._unread_blocks() < self._ahead_limit:
+                        break
+                    if self._taken.is_set():
+                        self._taken = trio.Event()
+                    await self._taken.wait()
                 await window.acquire()
-                fills.start_soon(self._fill, BlockKey(version, index), window)
+                run.unread.add(index)
+                run.filling.add(index)
+                fills.start_soon(self._fill, run, index, window)
 
-    async def _fill(self, key: BlockKey, window: trio.Semaphore) -> None:
+    def _unread_blocks(self) -> int:
+        return sum(len(run.unread) for run in self._runs.values())
+
+    def _forget_evicted(self) -> None:
+        """Prefetched blocks evicted before anyone read them no longer count."""
+        for run in self._runs.values():
+            run.unread = {
+                index
+                for index in run.unread
+                if index in run.filling or BlockKey(run.version, index) in self._loader.store
+            }
+
+    async def _fill(self, run: _Run, index: int, window: trio.Semaphore) -> None:
+        key = BlockKey(run.version, index)
         try:
             if await self._loader.prefetch(key):
                 self.counters.prefetch_fills += 1
@@ -204,6 +230,7 @@ class Prefetcher:
             self.counters.prefetch_errors += 1
             log.debug("prefetch of %r block %d failed: %s", key.version.relpath, key.index, error)
         finally:
+            run.filling.discard(index)
             window.release()
 
     async def _head(self, version: FileVersion, limit: int) -> bytes:
@@ -257,4 +284,8 @@ class Prefetcher:
             self.opened(shard)
 
     def statistics(self) -> PrefetchStatistics:
-        return replace(self.counters, prefetches_in_flight=len(self._runs))
+        return replace(
+            self.counters,
+            prefetches_in_flight=len(self._runs),
+            prefetched_unread_blocks=self._unread_blocks(),
+        )

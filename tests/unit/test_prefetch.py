@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -146,6 +147,31 @@ async def test_a_file_larger_than_the_cache_streams_without_evicting_itself(
         source_bytes = service.loader.statistics().source_bytes
         assert source_bytes <= 1.1 * len(data)  # nothing prefetched was evicted and read again
         assert service.store.statistics().readahead_evicted_unread <= 2
+        await service.fs.release(fh)
+
+
+async def test_a_random_reader_does_not_let_the_prefetch_run_past_its_share(
+    tmp_path: Path, wait_for
+) -> None:
+    """A reader that jumps near the end of a file larger than the cache does not
+    let the prefetch fill the whole file: its unread blocks stay within the share."""
+    data = os.urandom(64 * BS)
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "big.bin").write_bytes(data)
+    async with serving(tmp_path / "root", capacity_blocks=16) as service:
+        fh = await open_file(service, "big.bin")
+        assert bytes(await service.fs.read(fh, 60 * BS, BS)) == data[60 * BS : 61 * BS]
+        share = 16 // 2
+        await wait_for(lambda: service.prefetcher.statistics().prefetch_fills >= share, "fills")
+        await trio.sleep(0.5)  # time for a runaway prefetch to go on (it did, to the end)
+        assert service.prefetcher.statistics().prefetch_fills <= share
+        assert service.store.statistics().readahead_evicted_unread == 0
+        # The reader goes on in random order and finds every byte right.
+        order = list(range(64))
+        random.Random(8).shuffle(order)
+        for index in order:
+            got = await service.fs.read(fh, index * BS, BS)
+            assert bytes(got) == data[index * BS : (index + 1) * BS]
         await service.fs.release(fh)
 
 
