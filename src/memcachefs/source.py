@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import trio
@@ -77,8 +77,24 @@ def version_of(relpath: bytes, st: os.stat_result) -> FileVersion:
 
 @dataclass
 class _Descriptor:
-    fd: int
-    refs: int = 0
+    """The source file kept open for one version, and the descriptors its block reads use.
+
+    A FUSE client of object storage may serve one read of a handle at a time
+    (rclone without its cache), so block reads of one file that run at once
+    each get a descriptor of their own: `fd`, or one more opened (and checked to
+    be the same version) when every one is busy. The extra ones are closed when
+    the file's block reads are done.
+    """
+
+    fd: int  # the first one: fstat, and a block reader like the others
+    refs: int = 0  # handles, retried opens and block reads holding it
+    reading: int = 0  # block reads running now
+    idle: list[int] = field(default_factory=list)  # free for a block read
+    extra: int = 0  # descriptors opened beside `fd` (idle or reading)
+    closed: bool = False
+
+    def __post_init__(self) -> None:
+        self.idle.append(self.fd)
 
 
 @dataclass
@@ -87,6 +103,9 @@ class SourceStatistics:
     read_errors: int = counter("source opens and block reads that failed")
     stale_reads: int = counter("block reads refused because the file changed in the source")
     open_descriptors: int = gauge("source files held open")
+    parallel_opens: int = counter(
+        "descriptors opened beside a file's first so that its block reads run in parallel"
+    )
     held_descriptors: int = gauge(
         "source files held open for open handles and retried opens (the rest are idle)"
     )
@@ -102,6 +121,7 @@ class Source:
         self._block_limiter = trio.CapacityLimiter(block_threads)
         self._metadata_limiter = trio.CapacityLimiter(metadata_threads)
         self._descriptors: dict[FileVersion, _Descriptor] = {}
+        self._readers_lock = threading.Lock()  # _Descriptor.idle/extra/closed: worker threads
         # close(2) of a file on a FUSE source (s3fs) waits for its FLUSH: never on
         # the trio thread, where a stalled source would freeze every cached read.
         self._to_close, self._closing = trio.open_memory_channel[Closer](math.inf)
@@ -130,9 +150,10 @@ class Source:
     def close(self) -> None:
         """Close every descriptor (in a thread of its own: the source may be stalled)."""
         closers: list[Closer] = [
-            functools.partial(os.close, descriptor.fd) for descriptor in self._descriptors.values()
+            functools.partial(os.close, fd)
+            for version in list(self._descriptors)
+            for fd in self._drop(version)
         ]
-        self._descriptors.clear()
         while True:
             try:
                 closers.append(self._closing.receive_nowait())
@@ -347,11 +368,12 @@ class Source:
                 raise StaleVersion(f"{version.relpath!r} changed in the source")
             descriptor = self._adopt(version, fd)
         descriptor.refs += 1
+        descriptor.reading += 1
         try:
             with SOURCE_READ_SECONDS.time():
                 checksum = await trio.to_thread.run_sync(
-                    _read_exactly,
-                    descriptor.fd,
+                    self._read_with_a_free_descriptor,
+                    descriptor,
                     buffer,
                     key.offset(block_size),
                     version,
@@ -366,9 +388,77 @@ class Source:
             raise SourceError(f"read {version.relpath!r}: {error.strerror}") from error
         finally:
             descriptor.refs -= 1
+            descriptor.reading -= 1
+            if not descriptor.reading:
+                self._close_extra(descriptor)
             self._close_idle()
         self.counters.block_reads += 1
         return checksum
+
+    # -- block readers (these run in worker threads) ----------------------------
+    def _read_with_a_free_descriptor(
+        self, descriptor: _Descriptor, buffer: memoryview, offset: int, version: FileVersion
+    ) -> int:
+        fd = self._take_reader(descriptor, version)
+        try:
+            return _read_exactly(fd, buffer, offset, version)
+        finally:
+            self._give_back(descriptor, fd)
+
+    def _take_reader(self, descriptor: _Descriptor, version: FileVersion) -> int:
+        with self._readers_lock:
+            if descriptor.idle:
+                return descriptor.idle.pop()
+            descriptor.extra += 1
+        try:
+            fd, st = self._open_regular(version.relpath)
+        except BaseException:
+            with self._readers_lock:
+                descriptor.extra -= 1
+            raise
+        if version_of(version.relpath, st) != version:
+            os.close(fd)
+            with self._readers_lock:
+                descriptor.extra -= 1
+            raise StaleVersion(f"{version.relpath!r} changed in the source")
+        with self._readers_lock:
+            self.counters.parallel_opens += 1
+        return fd
+
+    def _give_back(self, descriptor: _Descriptor, fd: int) -> None:
+        with self._readers_lock:
+            if not descriptor.closed:
+                descriptor.idle.append(fd)
+                return
+            if fd == descriptor.fd:
+                return  # closed with the descriptor
+            descriptor.extra -= 1
+        os.close(fd)  # the descriptor was let go while this read ran (it was abandoned)
+
+    # -- keeping descriptors ----------------------------------------------------
+    def _close_extra(self, descriptor: _Descriptor) -> None:
+        """Close the idle descriptors opened beside `descriptor.fd`."""
+        with self._readers_lock:
+            extra = [fd for fd in descriptor.idle if fd != descriptor.fd]
+            descriptor.idle = [fd for fd in descriptor.idle if fd == descriptor.fd]
+            descriptor.extra -= len(extra)
+        for fd in extra:
+            self._close_later(fd)
+
+    def _drop(self, version: FileVersion) -> list[int]:
+        """Forget `version`'s descriptor; the descriptors to close (busy extra ones
+        are closed by their reads)."""
+        descriptor = self._descriptors.pop(version)
+        with self._readers_lock:
+            descriptor.closed = True
+            fds = {descriptor.fd, *descriptor.idle}
+            descriptor.idle.clear()
+            descriptor.extra -= len(fds) - 1
+        return sorted(fds)
+
+    def _let_go(self, version: FileVersion) -> None:
+        for fd in self._drop(version):
+            self._close_later(fd)
 
     def _adopt(self, version: FileVersion, fd: int) -> _Descriptor:
         """Keep `fd` as the descriptor of `version` (sharing one already kept)."""
@@ -380,7 +470,7 @@ class Source:
         # would keep the old files' space in use on the source.
         for other in [v for v in self._descriptors if v.relpath == version.relpath]:
             if self._descriptors[other].refs == 0:
-                self._close_later(self._descriptors.pop(other).fd)
+                self._let_go(other)
         descriptor = self._descriptors[version] = _Descriptor(fd)
         self._close_idle()  # an opener that gave up never pins (or releases) it
         return descriptor
@@ -388,7 +478,7 @@ class Source:
     def _close_idle(self) -> None:
         idle = [v for v, d in self._descriptors.items() if d.refs == 0]
         for version in idle[: max(0, len(idle) - IDLE_DESCRIPTORS)]:
-            self._close_later(self._descriptors.pop(version).fd)
+            self._let_go(version)
 
     def _open_regular(self, relpath: bytes) -> tuple[int, os.stat_result]:
         # O_NONBLOCK: opening a FIFO must not hang; it has no effect on regular files.
@@ -427,7 +517,8 @@ class Source:
     def statistics(self) -> SourceStatistics:
         return replace(
             self.counters,
-            open_descriptors=len(self._descriptors),
+            open_descriptors=len(self._descriptors)
+            + sum(d.extra for d in self._descriptors.values()),
             held_descriptors=sum(1 for d in self._descriptors.values() if d.refs),
         )
 

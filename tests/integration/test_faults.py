@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from support import drop_page_cache, in_thread, run_cli, wait_until
 
+from memcachefs.testing import faultfs
+
 pytestmark = pytest.mark.fuse
 
 MiB = 1024 * 1024
@@ -84,6 +86,24 @@ def test_stalled_source_does_not_block_cached_reads(fault_source, memcachefs_mou
     assert stats["hits"] > hits_before
     assert stats["source_bytes"] == len(cached) + len(cold)
     assert fs.unmount() == 0  # nothing is left waiting on the source
+
+
+def test_block_reads_reach_a_one_read_per_handle_source_in_parallel(
+    fault_source, memcachefs_mount
+) -> None:
+    """A FUSE client of object storage may serve one read of a handle at a time
+    (rclone without its cache): through one shared descriptor, the daemon's
+    parallel block fills reached it one by one."""
+    data = random.Random(8).randbytes(16 * MiB)
+    (fault_source.backing / "model.serial.dat").write_bytes(data)
+    fs = memcachefs_mount(
+        fault_source.path, capacity="64M", args=["--block-size", "1M", "--source-threads", "4"]
+    )
+    assert (fs.path / "model.serial.dat").read_bytes() == data
+    source_file = fault_source.path / "model.serial.dat"
+    assert int(os.getxattr(source_file, faultfs.MOST_READS_XATTR)) >= 2
+    assert fs.stats()["parallel_opens"] >= 1
+    assert fs.unmount() == 0
 
 
 def test_reads_waiting_on_a_stalled_source_do_not_hold_up_cached_reads(

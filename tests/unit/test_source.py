@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 import xxhash
 
 from memcachefs.errors import SourceError, StaleVersion
@@ -18,6 +20,7 @@ from memcachefs.source import (
     MAX_PATH_BYTES,
     PathRejected,
     Source,
+    _read_exactly,
     validate_relpath,
 )
 
@@ -198,6 +201,83 @@ async def test_read_block_returns_the_bytes_and_their_xxh3(
     assert len(block) == 100  # the short last block
     stats = source.statistics()
     assert stats.block_reads == 4
+
+
+@pytest.fixture
+def reads_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Block reads wait until four run at once; the descriptors they used."""
+    barrier = threading.Barrier(4, timeout=10)
+    used: list[int] = []
+
+    def read_exactly(fd: int, *args: object) -> int:
+        used.append(fd)
+        barrier.wait()
+        return _read_exactly(fd, *args)
+
+    monkeypatch.setattr("memcachefs.source._read_exactly", read_exactly)
+    return used
+
+
+async def test_block_reads_of_one_file_at_once_each_get_a_descriptor(
+    root: Path, payload, reads_at_once: list[int]
+) -> None:
+    # A FUSE client of object storage may serve one read per handle at a time:
+    # parallel block reads through one descriptor would not be parallel there.
+    data = payload(4 * BS, seed=3)
+    (root / "f").write_bytes(data)
+    with Source(root, block_threads=4, metadata_threads=2) as source:
+        version = await source.open(b"f")
+        assert source.pin(version)
+        blocks: dict[int, bytes] = {}
+
+        async def read_into(index: int) -> None:
+            blocks[index] = (await read(source, version, index))[0]
+
+        async with trio.open_nursery() as nursery:
+            for index in range(4):
+                nursery.start_soon(read_into, index)
+        assert len(set(reads_at_once)) == 4
+        assert [blocks[i] for i in range(4)] == [data[i * BS : (i + 1) * BS] for i in range(4)]
+        assert source.statistics().parallel_opens == 3
+        # The extra ones are let go once the reads are done; the first stays.
+        assert source.statistics().open_descriptors == 1
+        source.release(version)
+
+
+async def test_a_descriptor_opened_for_a_parallel_read_never_reads_another_version(
+    root: Path, payload, monkeypatch: pytest.MonkeyPatch, wait_for
+) -> None:
+    old, new = payload(4 * BS, seed=4), payload(4 * BS, seed=5)
+    (root / "f").write_bytes(old)
+    first_entered, first_may_go = threading.Event(), threading.Event()
+
+    def read_exactly(fd: int, *args: object) -> int:
+        if not first_entered.is_set():  # the first read holds its descriptor
+            first_entered.set()
+            first_may_go.wait(timeout=10)
+        return _read_exactly(fd, *args)
+
+    monkeypatch.setattr("memcachefs.source._read_exactly", read_exactly)
+    with Source(root, block_threads=4, metadata_threads=2) as source:
+        version = await source.open(b"f")
+        assert source.pin(version)
+        (root / "f.new").write_bytes(new)
+        os.utime(root / "f.new", ns=(0, version.mtime_ns + 1))
+        os.rename(root / "f.new", root / "f")
+        async with trio.open_nursery() as nursery:
+            first: list[bytes] = []
+
+            async def read_first() -> None:
+                first.append((await read(source, version, 0))[0])
+
+            nursery.start_soon(read_first)
+            await wait_for(first_entered.is_set, "the first read")
+            # Its descriptor is busy: this read opens another, which is the new file.
+            with pytest.raises(StaleVersion):
+                await read(source, version, 1)
+            first_may_go.set()
+        assert first == [old[:BS]]
+        source.release(version)
 
 
 async def test_read_block_without_open_checks_the_version(

@@ -6,6 +6,11 @@ mirrors SRC at MNT (read-only, no caching: attributes time out at once and
 file reads bypass the page cache), with two faults a test controls:
 
 - a read of a file whose name contains ``.eio`` fails with EIO;
+- a handle of a file whose name contains ``.serial`` serves one read at a
+  time, each taking at least 20 ms, as a FUSE client of object storage with
+  one stream per handle does (rclone without its cache); the file's xattr
+  ``user.faultfs.most_reads_at_once`` says how many of its reads, over all
+  its handles, ran at once at most;
 - while the stall file exists (default: SRC's sibling ``SRC.stall``), every
   request waits until it is removed, FLUSH (sent by every close(2)) included:
   a frozen network source.
@@ -40,6 +45,9 @@ from memcachefs import mounts
 from memcachefs.testing.harness import stop_process
 
 EIO_MARKER = b".eio"
+SERIAL_MARKER = b".serial"
+SERIAL_READ_S = 0.02
+MOST_READS_XATTR = b"user.faultfs.most_reads_at_once"
 _POLL_S = 0.02
 
 
@@ -56,6 +64,9 @@ class FaultFS(pyfuse3.Operations):
         }
         self._next_inode = pyfuse3.ROOT_INODE + 1
         self._fds: dict[int, int] = {}
+        self._handle_locks: dict[int, trio.Lock] = {}  # of .serial files' handles
+        self._reads_at_once: dict[int, int] = {}  # per inode of a .serial file
+        self._most_reads_at_once: dict[int, int] = {}
 
     # -- faults ----------------------------------------------------------------
     async def _gate(self) -> None:
@@ -181,20 +192,44 @@ class FaultFS(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         await self._gate()
-        if EIO_MARKER in os.path.basename(self._path(self._fds[fh])):
+        inode = self._fds[fh]
+        name = os.path.basename(self._path(inode))
+        if EIO_MARKER in name:
             raise pyfuse3.FUSEError(errno.EIO)
+        if SERIAL_MARKER in name:
+            async with self._handle_locks.setdefault(fh, trio.Lock()):
+                return await self._counted_slow_read(inode, fh, size, off)
+        return _pread(fh, size, off)
+
+    async def _counted_slow_read(self, inode: int, fh: int, size: int, off: int) -> bytes:
+        at_once = self._reads_at_once[inode] = self._reads_at_once.get(inode, 0) + 1
+        self._most_reads_at_once[inode] = max(at_once, self._most_reads_at_once.get(inode, 0))
         try:
-            return os.pread(fh, size, off)
-        except OSError as error:
-            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+            await trio.sleep(SERIAL_READ_S)
+            return _pread(fh, size, off)
+        finally:
+            self._reads_at_once[inode] -= 1
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == MOST_READS_XATTR and inode in self._most_reads_at_once:
+            return b"%d" % self._most_reads_at_once[inode]
+        raise pyfuse3.FUSEError(errno.ENODATA)
 
     async def flush(self, fh: int) -> None:
         # As a network FUSE client does at close(2): a stalled source stalls the close.
         await self._gate()
 
     async def release(self, fh: int) -> None:
+        self._handle_locks.pop(fh, None)
         if self._fds.pop(fh, None) is not None:
             os.close(fh)
+
+
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as error:
+        raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
 
 
 async def _serve_until_signalled() -> None:
