@@ -60,6 +60,8 @@ HOST_ADDR, NS_ADDR, PORT = "10.203.0.1", "10.203.0.2", 4568
 PROXY_PORT = 4569  # the object-store profile's proxy, in front of PORT
 DEFAULT_RATE = "400mbit"
 PROFILES = ("link", "object-store")
+SOURCE_CLIENTS = ("s3fs", "rclone")  # the FUSE client of the source mount
+RCLONE_READ_CHUNK = "4M"
 # the object-store profile's defaults: link cap, per-request latency, per-connection rate
 OBJECT_STORE = {"rate": "2gbit", "latency_ms": 30.0, "per_connection_rate": "200mbit"}
 BUCKET = "memcachefs-bench"
@@ -184,9 +186,15 @@ class SlowSource:
         latency_ms: float | None = None,
         per_connection_rate: str | None = None,
         s3fs_options: list[str] | None = None,
+        source_client: str = "s3fs",
     ) -> None:
         if profile not in PROFILES:
             raise SlowSourceError(f"unknown profile {profile!r} (one of {', '.join(PROFILES)})")
+        if source_client not in SOURCE_CLIENTS:
+            raise SlowSourceError(
+                f"unknown source client {source_client!r} (one of {', '.join(SOURCE_CLIENTS)})"
+            )
+        self.source_client = source_client
         store = profile == "object-store"
         self.files = [Path(f).resolve() for f in files]
         self.profile = profile
@@ -235,7 +243,14 @@ class SlowSource:
             self._network()
             self._populate()
             self._serve()
-            source = self._s3fs(self.mountpoint, "direct_io", *self.s3fs_options)
+            if self.source_client == "rclone":
+                # Ranges of memcachefs's default block size: a block read is one GET,
+                # not the first 4 MiB of a 128 MiB one cut off (the rest in flight is
+                # sent all the same). A sequential reader's ranges double from there.
+                chunk = ("--vfs-read-chunk-size", RCLONE_READ_CHUNK, "--buffer-size", "0")
+                source = self._rclone(self.mountpoint, "--vfs-cache-mode", "off", *chunk)
+            else:
+                source = self._s3fs(self.mountpoint, "direct_io", *self.s3fs_options)
             self.clients.append(source.start())
         except BaseException:
             self.close()
@@ -333,6 +348,18 @@ class SlowSource:
         argv = ["s3fs", BUCKET, str(mountpoint), "-f", "-o", ",".join([*base, *options])]
         return FuseClient(argv, mountpoint, self.workdir / f"s3fs-{mountpoint.name}.log")
 
+    def _rclone(self, mountpoint: Path, *options: str) -> FuseClient:
+        conf = self.workdir / "rclone.conf"
+        conf.write_text(
+            "[bench]\ntype = s3\nprovider = Other\nenv_auth = false\n"
+            f"access_key_id = {KEY}\nsecret_access_key = {KEY}\n"
+            f"endpoint = {self.endpoint}\nforce_path_style = true\n"
+        )
+        conf.chmod(0o600)
+        argv = ["rclone", "--config", str(conf), "mount", f"bench:{BUCKET}", str(mountpoint)]
+        argv += ["--read-only", *options]
+        return FuseClient(argv, mountpoint, self.workdir / f"rclone-{mountpoint.name}.log")
+
     def path(self, name: str) -> Path:
         return self.mountpoint / name
 
@@ -365,16 +392,7 @@ class SlowSource:
         if label == "s3fs_cache":
             client = self._s3fs(mountpoint, f"use_cache={cache}")
         else:
-            conf = self.workdir / "rclone.conf"
-            conf.write_text(
-                "[bench]\ntype = s3\nprovider = Other\nenv_auth = false\n"
-                f"access_key_id = {KEY}\nsecret_access_key = {KEY}\n"
-                f"endpoint = {self.endpoint}\nforce_path_style = true\n"
-            )
-            conf.chmod(0o600)
-            argv = ["rclone", "--config", str(conf), "mount", f"bench:{BUCKET}", str(mountpoint)]
-            argv += ["--read-only", "--vfs-cache-mode", "full", "--cache-dir", str(cache)]
-            client = FuseClient(argv, mountpoint, self.workdir / "rclone.log")
+            client = self._rclone(mountpoint, "--vfs-cache-mode", "full", "--cache-dir", str(cache))
         client.cache_dir = cache
         self.clients.append(client)
         return client.start()
@@ -503,7 +521,7 @@ def teardown(workdir: Path = WORKDIR, shm_dir: Path = SHM_DIR) -> None:
 
 def profile(args: argparse.Namespace) -> dict[str, Any]:
     """SlowSource's profile keywords from add_profile_arguments()'s options."""
-    keys = ("profile", "latency_ms", "per_connection_rate")
+    keys = ("profile", "latency_ms", "per_connection_rate", "source_client")
     return {key: getattr(args, key) for key in keys} | {"s3fs_options": args.s3fs_option}
 
 
@@ -513,6 +531,7 @@ def summary(src: SlowSource | None) -> dict[str, Any]:
         return {"rate": None, "endpoint": None, "profile": None}
     out = {"rate": src.rate, "endpoint": src.endpoint, "profile": src.profile}
     out["s3fs_options"] = src.s3fs_options
+    out["source_client"] = src.source_client
     if src.profile == "object-store":
         out |= {"latency_ms": src.latency_ms, "per_connection_rate": src.per_connection_rate}
     return out
@@ -525,6 +544,11 @@ def describe(src: dict[str, Any]) -> str:
         text += (
             f", behind a proxy adding {src['latency_ms']:g} ms to each request and capping each "
             f"connection at {src['per_connection_rate']} (profile object-store)"
+        )
+    if src.get("source_client") == "rclone":
+        return text + (
+            ", mounted with rclone --read-only --vfs-cache-mode off "
+            f"--vfs-read-chunk-size {RCLONE_READ_CHUNK}"
         )
     extra = "".join(f",{option}" for option in src.get("s3fs_options") or [])
     return text + f", mounted with s3fs ro,direct_io{extra}"
@@ -552,6 +576,13 @@ def add_profile_arguments(parser: argparse.ArgumentParser) -> None:
     add("--profile", choices=PROFILES, default="link", help="the source's shape (link)")
     add("--latency-ms", type=float, help="object-store: added to each request (30)")
     add("--per-connection-rate", help="object-store: each connection's cap, tc syntax (200mbit)")
+    add(
+        "--source-client",
+        choices=SOURCE_CLIENTS,
+        default="s3fs",
+        help="the source's FUSE client: s3fs (-o ro,direct_io) or rclone (--vfs-cache-mode off, "
+        "one stream per open file) (s3fs)",
+    )
     add(
         "--s3fs-option",
         action="append",

@@ -184,3 +184,15 @@ def mount_containing(path: str | os.PathLike[str]) -> MountEntry | None:
         ):
             found = entry
     return found
+
+
+# Filesystems whose reads cross a network (a FUSE client of object storage, NFS, SMB...);
+# "fuseblk" is FUSE over a local block device (ntfs-3g).
+NETWORK_FSTYPES = ("fuse", "nfs", "nfs4", "cifs", "smb3", "9p", "ceph", "glusterfs", "lustre")
+
+
+def is_network(entry: MountEntry | None) -> bool:
+    """Whether the mount `entry` reads over a network (or from a user-space client)."""
+    if entry is None:
+        return False
+    return entry.fstype.split(".")[0] in NETWORK_FSTYPES

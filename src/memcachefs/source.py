@@ -28,6 +28,7 @@ import trio
 import xxhash
 from prometheus_client import Histogram
 
+from memcachefs import mounts
 from memcachefs.errors import MemcachefsError, SourceError, StaleVersion
 from memcachefs.keys import MAX_PATH_BYTES, BlockKey, FileVersion
 from memcachefs.metrics import counter, gauge
@@ -118,6 +119,10 @@ class Source:
     def __init__(self, root: os.PathLike[str] | str, *, block_threads: int, metadata_threads: int):
         self.root = os.fspath(root)
         self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        # Blocks are read whole, several at once on descriptors of their own: on a
+        # network source the kernel's readahead past a block fetches bytes another
+        # read fetches too (1.3x the file through rclone). A local disk keeps it.
+        self._exact_reads = mounts.is_network(mounts.mount_containing(self.root))
         self._block_limiter = trio.CapacityLimiter(block_threads)
         self._metadata_limiter = trio.CapacityLimiter(metadata_threads)
         self._descriptors: dict[FileVersion, _Descriptor] = {}
@@ -411,12 +416,19 @@ class Source:
                 return descriptor.idle.pop()
             descriptor.extra += 1
         try:
-            fd, st = self._open_regular(version.relpath)
+            fd = self._reopen(descriptor.fd)
+        except OSError:  # no /proc: share the first one
+            with self._readers_lock:
+                descriptor.extra -= 1
+            return descriptor.fd
+        try:
+            st = os.fstat(fd)
         except BaseException:
+            os.close(fd)
             with self._readers_lock:
                 descriptor.extra -= 1
             raise
-        if version_of(version.relpath, st) != version:
+        if version_of(version.relpath, st) != version:  # rewritten in place
             os.close(fd)
             with self._readers_lock:
                 descriptor.extra -= 1
@@ -425,10 +437,20 @@ class Source:
             self.counters.parallel_opens += 1
         return fd
 
+    def _reopen(self, fd: int) -> int:
+        """Another descriptor of the very file `fd` opened (even once it is replaced
+        or removed in the source), not of whatever its name points to now."""
+        flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC
+        other = os.open(f"/proc/self/fd/{fd}", flags)
+        if self._exact_reads:
+            os.posix_fadvise(other, 0, 0, os.POSIX_FADV_RANDOM)
+        return other
+
     def _give_back(self, descriptor: _Descriptor, fd: int) -> None:
         with self._readers_lock:
             if not descriptor.closed:
-                descriptor.idle.append(fd)
+                if fd != descriptor.fd or fd not in descriptor.idle:  # shared: once
+                    descriptor.idle.append(fd)
                 return
             if fd == descriptor.fd:
                 return  # closed with the descriptor
@@ -487,6 +509,8 @@ class Source:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file")
+            if self._exact_reads:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         except BaseException:
             os.close(fd)
             raise

@@ -53,3 +53,22 @@ def test_a_limit_that_cannot_be_set_is_one_warning(
     (record,) = caplog.records
     assert "background request limit" in record.getMessage()
     assert "stalled source" in record.getMessage()
+
+
+@pytest.mark.parametrize(
+    ("fstype", "network"),
+    [
+        ("fuse.rclone", True),
+        ("fuse.s3fs", True),
+        ("fuse", True),
+        ("nfs4", True),
+        ("cifs", True),
+        ("ext4", False),
+        ("xfs", False),
+        ("tmpfs", False),
+        ("fuseblk", False),
+    ],
+)
+def test_network_filesystems_are_told_from_local_ones(fstype: str, network: bool) -> None:
+    entry = mounts.MountEntry(mountpoint="/m", fstype=fstype, source="s", device="0:42")
+    assert mounts.is_network(entry) is network
