@@ -218,6 +218,19 @@ def reads_at_once(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return used
 
 
+async def read_at_once(source: Source, version: FileVersion, count: int) -> list[bytes]:
+    """Blocks 0..count-1 of `version`, read all at once."""
+    blocks: dict[int, bytes] = {}
+
+    async def read_into(index: int) -> None:
+        blocks[index] = (await read(source, version, index))[0]
+
+    async with trio.open_nursery() as nursery:
+        for index in range(count):
+            nursery.start_soon(read_into, index)
+    return [blocks[index] for index in range(count)]
+
+
 async def test_block_reads_of_one_file_at_once_each_get_a_descriptor(
     root: Path, payload, reads_at_once: list[int]
 ) -> None:
@@ -228,16 +241,9 @@ async def test_block_reads_of_one_file_at_once_each_get_a_descriptor(
     with Source(root, block_threads=4, metadata_threads=2) as source:
         version = await source.open(b"f")
         assert source.pin(version)
-        blocks: dict[int, bytes] = {}
-
-        async def read_into(index: int) -> None:
-            blocks[index] = (await read(source, version, index))[0]
-
-        async with trio.open_nursery() as nursery:
-            for index in range(4):
-                nursery.start_soon(read_into, index)
+        blocks = await read_at_once(source, version, 4)
         assert len(set(reads_at_once)) == 4
-        assert [blocks[i] for i in range(4)] == [data[i * BS : (i + 1) * BS] for i in range(4)]
+        assert blocks == [data[i * BS : (i + 1) * BS] for i in range(4)]
         assert source.statistics().parallel_opens == 3
         # The extra ones are let go once the reads are done; the first stays.
         assert source.statistics().open_descriptors == 1
@@ -254,15 +260,8 @@ async def test_parallel_reads_of_a_replaced_file_read_the_file_that_was_opened(
         assert source.pin(version)
         (root / "f.new").write_bytes(new)
         os.rename(root / "f.new", root / "f")
-        blocks: dict[int, bytes] = {}
-
-        async def read_into(index: int) -> None:
-            blocks[index] = (await read(source, version, index))[0]
-
-        async with trio.open_nursery() as nursery:
-            for index in range(4):
-                nursery.start_soon(read_into, index)
-        assert [blocks[i] for i in range(4)] == [old[i * BS : (i + 1) * BS] for i in range(4)]
+        blocks = await read_at_once(source, version, 4)
+        assert blocks == [old[i * BS : (i + 1) * BS] for i in range(4)]
         assert len(set(reads_at_once)) == 4
         source.release(version)
 
