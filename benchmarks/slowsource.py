@@ -61,7 +61,12 @@ PROXY_PORT = 4569  # the object-store profile's proxy, in front of PORT
 DEFAULT_RATE = "400mbit"
 PROFILES = ("link", "object-store")
 SOURCE_CLIENTS = ("s3fs", "rclone")  # the FUSE client of the source mount
-RCLONE_READ_CHUNK = "4M"
+# The rclone source mount: no VFS cache (one stream per open file); ranges of
+# memcachefs's default block size and no read-ahead buffer, so that a block read
+# is one GET, not the first 4 MiB of a 128 MiB one cut off (the rest in flight is
+# sent all the same). A sequential reader's ranges double from there.
+RCLONE_SOURCE_OPTIONS = ("--vfs-cache-mode", "off", "--vfs-read-chunk-size", "4M")
+RCLONE_SOURCE_OPTIONS += ("--buffer-size", "0")
 # the object-store profile's defaults: link cap, per-request latency, per-connection rate
 OBJECT_STORE = {"rate": "2gbit", "latency_ms": 30.0, "per_connection_rate": "200mbit"}
 BUCKET = "memcachefs-bench"
@@ -244,11 +249,7 @@ class SlowSource:
             self._populate()
             self._serve()
             if self.source_client == "rclone":
-                # Ranges of memcachefs's default block size: a block read is one GET,
-                # not the first 4 MiB of a 128 MiB one cut off (the rest in flight is
-                # sent all the same). A sequential reader's ranges double from there.
-                chunk = ("--vfs-read-chunk-size", RCLONE_READ_CHUNK, "--buffer-size", "0")
-                source = self._rclone(self.mountpoint, "--vfs-cache-mode", "off", *chunk)
+                source = self._rclone(self.mountpoint, *RCLONE_SOURCE_OPTIONS)
             else:
                 source = self._s3fs(self.mountpoint, "direct_io", *self.s3fs_options)
             self.clients.append(source.start())
@@ -546,10 +547,7 @@ def describe(src: dict[str, Any]) -> str:
             f"connection at {src['per_connection_rate']} (profile object-store)"
         )
     if src.get("source_client") == "rclone":
-        return text + (
-            ", mounted with rclone --read-only --vfs-cache-mode off "
-            f"--vfs-read-chunk-size {RCLONE_READ_CHUNK}"
-        )
+        return text + f", mounted with rclone --read-only {' '.join(RCLONE_SOURCE_OPTIONS)}"
     extra = "".join(f",{option}" for option in src.get("s3fs_options") or [])
     return text + f", mounted with s3fs ro,direct_io{extra}"
 
