@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 import xxhash
 
@@ -25,6 +26,7 @@ from memcachefs.loader import Loader
 from memcachefs.membership import Membership
 from memcachefs.peers import PeerClient, PeerServer
 from memcachefs.peers import server as peer_server
+from memcachefs.peers.client import PEER_THREADS
 from memcachefs.protocol import RESPONSE_HEADER_BYTES, Request
 from memcachefs.source import Source, version_of
 from memcachefs.testing.faultproxy import FaultProxy
@@ -357,6 +359,45 @@ async def test_client_reads_a_file_from_a_peer_without_touching_its_source(
         stats = loader.statistics()
         assert (stats.source_bytes, stats.peer_bytes, stats.peer_hits) == (0, len(data), 6)
         assert client.statistics().peer_connections_opened == 1  # one kept-alive connection
+        client.close()
+
+
+async def test_requests_on_the_wire_never_outnumber_the_receiving_threads(
+    root: Path, tmp_path: Path
+) -> None:
+    """Beyond them a request's socket waits undrained, and the peer's send with it, until
+    the peer gives up and closes the connection mid-transfer."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    async with serving(root) as served:
+        lookup = served.server._lookup
+
+        async def slow_lookup(request: Any) -> Any:
+            await trio.sleep(0.05)
+            return await lookup(request)
+
+        served.server._lookup = slow_lookup  # type: ignore[method-assign]
+        client = await client_for([f"127.0.0.1:{served.port}"])
+        file_version = version(root, b"many.bin")
+        most = 0
+
+        async def watch() -> None:
+            nonlocal most
+            while True:
+                most = max(most, served.server.statistics().peer_requests_in_flight)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            async with trio.open_nursery() as fetches:
+                for index in range(32):
+                    fetches.start_soon(
+                        client.fetch_into, BlockKey(file_version, index), memoryview(bytearray(BS))
+                    )
+            nursery.cancel_scope.cancel()
+        assert 2 <= most <= PEER_THREADS
+        stats = client.statistics()
+        assert (stats.peer_fetches, stats.peer_fetch_misses, stats.peer_errors_closed) == (32, 0, 0)
         client.close()
 
 

@@ -90,6 +90,11 @@ class PeerClient:
         self._connections_opened = 0
         self._other_block_size: set[str] = set()  # members told of, to log each once
         self._limiter = trio.CapacityLimiter(PEER_THREADS)
+        # Requests on the wire at once: no more than threads to receive their answers.
+        # A request sent beyond them leaves its socket undrained while it waits for a
+        # thread; the peer's send then waits too, past its deadline, and it closes the
+        # connection mid-transfer (seen at 1 gbit once 256 READs could come at once).
+        self._exchanges = trio.CapacityLimiter(PEER_THREADS)
 
     def choose(self, key: BlockKey) -> tuple[Peer, bool] | None:
         """(peer, memory_only) to ask for `key`, or None to read the source."""
@@ -105,6 +110,12 @@ class PeerClient:
         if choice is None:
             return None
         peer, memory_only = choice
+        async with self._exchanges:  # waiting here is local queueing: not on the deadline
+            return await self._fetch_chosen(key, buffer, peer, memory_only)
+
+    async def _fetch_chosen(
+        self, key: BlockKey, buffer: memoryview, peer: Peer, memory_only: bool
+    ) -> int | None:
         deadline = trio.current_time() + self._timeout_s
         holder = self.holder_for(key, peer)
         if holder is not None:
