@@ -339,7 +339,9 @@ class CacheConfig(BaseModel):
 class ClusterConfig(BaseModel):
     """Peers that share their memory. Empty peer lists mean a cluster of one."""
 
-    model_config = _Frozen
+    # A secret is any bytes (head -c 32 /dev/urandom): base64 in the JSON a background
+    # daemon is handed, where a UTF-8 string would refuse it.
+    model_config = ConfigDict(**_Frozen, ser_json_bytes="base64", val_json_bytes="base64")
 
     listen: Annotated[
         Address | None,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 from pathlib import Path
 
 import pytest
-from support import run_cli
+from support import free_port, run_cli
 
 from memcachefs import mounts
 
@@ -114,3 +116,32 @@ def test_a_secret_allows_any_listen_address(dirs, tmp_path: Path) -> None:
             pass  # background mode passed the cluster options to the daemon
     finally:
         assert run_cli("umount", mountpoint).returncode == 0
+
+
+def test_a_binary_secret_reaches_background_daemons_intact(tmp_path: Path) -> None:
+    """`head -c 32 /dev/urandom > secret` is a fine secret: not UTF-8, passed on whole."""
+    source, warm, fresh = (tmp_path / name for name in ("source", "warm", "fresh"))
+    for folder in (source, warm, fresh):
+        folder.mkdir()
+    data = os.urandom(3 * 1024 * 1024)
+    (source / "model.bin").write_bytes(data)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"\xff\xfe" + os.urandom(30))
+    secret.chmod(0o600)
+    ports = [free_port(), free_port()]
+    common = ["--capacity", "64M", "--cluster-secret-file", secret, "--no-prefetch"]
+    mounted = []
+    try:
+        for mountpoint, port, peers in ((warm, ports[0], []), (fresh, ports[1], ports[:1])):
+            asked = [word for peer in peers for word in ("--peer", f"127.0.0.1:{peer}")]
+            listen = ["--listen", f"127.0.0.1:{port}"]
+            result = run_cli("mount", source, mountpoint, *common, *listen, *asked)
+            assert result.returncode == 0, result.stderr
+            mounted.append(mountpoint)
+        assert (warm / "model.bin").read_bytes() == data
+        assert (fresh / "model.bin").read_bytes() == data
+        stats = json.loads(run_cli("stats", "--json", fresh).stdout)
+        assert (stats["peer_bytes"], stats["source_bytes"]) == (len(data), 0)
+    finally:
+        for mountpoint in reversed(mounted):
+            assert run_cli("umount", mountpoint).returncode == 0
