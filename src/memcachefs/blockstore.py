@@ -21,7 +21,6 @@ evicted (`on_protected_evicted`).
 
 from __future__ import annotations
 
-import contextlib
 import mmap
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -277,16 +276,10 @@ class BlockStore:
         # written, then faulted in, while READs wait). Measured: cold reads
         # 0.78 -> 1.24 GB/s, remote hits 0.57 -> 0.75 GB/s. (mmap's default,
         # MAP_SHARED, would be shmem: slower faults, counted as shared memory.)
-        buffer = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        # Huge pages where the kernel allows them (THP "madvise", the common
-        # default, needs this advice): a 4 MiB block is two faults instead of
-        # 1024, and copies in and out of it miss the TLB less. Measured on a
-        # remote hit (1 GiB load_file, both daemons): 1.9-2.2 s -> 1.3-1.5 s,
-        # the warm peer's CPU 0.47 -> 0.35 s. Never more memory than the mapping.
-        # A kernel built without THP refuses the advice (EINVAL): ordinary pages.
-        with contextlib.suppress(OSError):
-            buffer.madvise(mmap.MADV_HUGEPAGE)
-        return buffer
+        # Not advised to use huge pages: with MADV_HUGEPAGE a loopback remote hit
+        # got faster, but a remote read over a 4 gbit link fell from 0.99x to
+        # 0.86x raw TCP (benchmarks/README.md, the b3b329c sitting).
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 
     def _evicted(self, key: BlockKey, block: Block) -> None:
         self._retire(block)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import random
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +10,6 @@ from memcachefs.blockstore import BlockStore
 from memcachefs.keys import BlockKey, FileVersion
 
 BS = 4096
-MiB = 1 << 20
 VERSION = FileVersion(b"model.bin", 1000 * BS, 1)
 
 
@@ -241,34 +238,3 @@ def test_pinned_or_short_blocks_are_not_marked_recycled_on_eviction() -> None:
     pinned.pins = 1
     store.discard(key(0))
     assert not pinned.recycled
-
-
-def _mapping_fields(buffer: object) -> dict[str, str]:
-    """The /proc/self/smaps fields of the mapping that holds `buffer`."""
-    start = ctypes.addressof(ctypes.c_char.from_buffer(buffer))  # type: ignore[arg-type]
-    fields: dict[str, str] = {}
-    inside = False
-    for line in Path("/proc/self/smaps").read_text().splitlines():
-        head = line.split()[0]
-        if "-" in head and not head.endswith(":"):
-            low, high = (int(part, 16) for part in head.split("-"))
-            inside = low <= start < high
-        elif inside:
-            name, _, value = line.partition(":")
-            fields[name] = value.strip()
-    return fields
-
-
-THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-@pytest.mark.skipif(
-    not THP_MODE.exists() or "[never]" in THP_MODE.read_text(),
-    reason="transparent huge pages are off on this kernel",
-)
-def test_block_buffers_are_advised_to_use_huge_pages() -> None:
-    store = BlockStore(8 * MiB, 4 * MiB)
-    buffer = store.try_allocate(4 * MiB)
-    assert buffer is not None
-    fields = _mapping_fields(buffer)
-    assert "hg" in fields["VmFlags"].split()  # MADV_HUGEPAGE took
