@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import textwrap
 from collections.abc import Callable, Iterator
@@ -18,6 +19,13 @@ from support import (
 from memcachefs import mounts
 from memcachefs.testing import faultfs
 from memcachefs.testing.plugin import require_fuse
+
+# A suite started in the background by a shell without job control inherits
+# SIGINT ignored, and so would every command it starts: a test's Ctrl-C to a
+# child would do nothing. Handling SIGINT here gives children the default back
+# at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -- a fault-injecting source ---------------------------------------------------------
