@@ -432,7 +432,7 @@ async def test_a_refused_peer_is_marked_down_and_not_retried_at_once() -> None:
 
 
 async def test_a_peer_with_another_block_size_is_logged_once_and_backed_off(
-    root: Path, caplog: pytest.LogCaptureFixture
+    root: Path, caplog: pytest.LogCaptureFixture, wait_for
 ) -> None:
     async with serving(root) as served:
         peers = (("127.0.0.1", served.port),)
@@ -453,7 +453,8 @@ async def test_a_peer_with_another_block_size_is_logged_once_and_backed_off(
         stats = client.statistics()
         assert stats.peers_down == 1
         assert stats.peer_errors_block_size == stats.peer_fetches <= len(keys)
-        await trio.sleep(0.6)  # past the first backoff: probed once more, still refused
+        # Past the first backoff: probed once more, still refused.
+        await wait_for(lambda: client.choose(keys[0]) is not None, "the backoff ended")
         await fetch(keys[0])
         assert client.statistics().peer_errors_block_size == stats.peer_fetches + 1
         warnings = [r for r in caplog.records if "block-size" in r.getMessage()]
