@@ -30,7 +30,7 @@ def secret_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
     return path
 
 
-def mount_listening(source: Path, mountpoint: Path, listen: str, secret: Path):
+def mount_listening(source: Path, mountpoint: Path, listen: str, secret: Path, *extra):
     return run_cli(
         "mount",
         source,
@@ -41,6 +41,7 @@ def mount_listening(source: Path, mountpoint: Path, listen: str, secret: Path):
         listen,
         "--cluster-secret-file",
         secret,
+        *extra,
     )
 
 
@@ -128,14 +129,14 @@ def test_a_binary_secret_reaches_background_daemons_intact(tmp_path: Path) -> No
     secret = tmp_path / "secret"
     secret.write_bytes(b"\xff\xfe" + os.urandom(30))
     secret.chmod(0o600)
-    ports = [free_port(), free_port()]
-    common = ["--capacity", "64M", "--cluster-secret-file", secret, "--no-prefetch"]
+    warm_port = free_port()
     mounted = []
     try:
-        for mountpoint, port, peers in ((warm, ports[0], []), (fresh, ports[1], ports[:1])):
-            asked = [word for peer in peers for word in ("--peer", f"127.0.0.1:{peer}")]
-            listen = ["--listen", f"127.0.0.1:{port}"]
-            result = run_cli("mount", source, mountpoint, *common, *listen, *asked)
+        for mountpoint, asked in ((warm, []), (fresh, ["--peer", f"127.0.0.1:{warm_port}"])):
+            port = warm_port if mountpoint == warm else free_port()
+            result = mount_listening(
+                source, mountpoint, f"127.0.0.1:{port}", secret, "--no-prefetch", *asked
+            )
             assert result.returncode == 0, result.stderr
             mounted.append(mountpoint)
         assert (warm / "model.bin").read_bytes() == data
