@@ -106,7 +106,10 @@ def main() -> None:
         build_source(source, size)
         for path in source.iterdir():
             drop_page_cache(path)
-        capacity = format_size(size + size // 4).replace(".0", "")
+        # What was built (whole 64 MiB tensors), with room to spare, in whole MiB: a
+        # rounded display size ("1.2G" for 1.25 GiB) is not a byte count.
+        built = sum(path.stat().st_size for path in source.iterdir())
+        capacity = f"{-(-(built + built // 4) // MiB)}M"
         print(f"$ memcachefs mount {source} {mountpoint} --capacity {capacity}")
         print(
             "  " + memcachefs("mount", str(source), str(mountpoint), "--capacity", capacity).strip()
